@@ -1,0 +1,26 @@
+# The test command CI runs (.ci/run) and the README shows. It creates .venv on a fresh machine and reuses it after.
+PY ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/pip
+# torch and torchvision are pinned to the releases this machine keeps on disk; elsewhere pip resolves the same pins.
+TORCH_PINS = torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test summary clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+summary: install
+	$(VENV)/bin/python tools/summary.py model=efficientdet_d0
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,15 @@
+"""densekit: EfficientDet, ESeg and LR-ASPP dense prediction on EfficientNet / MobileNetV3 backbones."""
+from .modeling.backbones import create_backbone, list_backbones
+from .modeling.build import build_model, create_model, list_models, load_model_config
+from .modeling.checkpoint_io import CheckpointError
+
+__version__ = "0.1.0"
+__all__ = [
+    "CheckpointError",
+    "build_model",
+    "create_backbone",
+    "create_model",
+    "list_backbones",
+    "list_models",
+    "load_model_config",
+]

@@ -1,0 +1,104 @@
+"""Structured config schemas.
+
+The YAML files under ``conf/model`` hold only what differs from these defaults (which are EfficientDet's official
+settings), so each model file reads as the paper's table row. Merging a YAML onto its schema rejects unknown keys
+and wrong types with the key's full name, e.g. ``Key 'neck.chanels' not in 'NeckConfig'``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "tf_efficientnet_b0"
+    out_levels: list[int] = field(default_factory=lambda: [3, 4, 5])
+    pretrained: bool = False  # download ImageNet weights through timm / torchvision (needs internet)
+    weights: Optional[str] = None  # local backbone weights (timm, efficientnet_pytorch or torchvision layout)
+    drop_path_rate: float = 0.2
+
+
+@dataclass
+class NeckConfig:
+    min_level: int = 3
+    max_level: int = 7
+    channels: int = 64
+    repeats: int = 3
+    fusion: str = "fast"  # fast | softmax | sum
+
+
+@dataclass
+class HeadConfig:
+    repeats: int = 3
+
+
+@dataclass
+class AnchorConfig:
+    num_scales: int = 3
+    aspect_ratios: list[list[float]] = field(default_factory=lambda: [[1.0, 1.0], [1.4, 0.7], [0.7, 1.4]])
+    anchor_scale: float = 4.0
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.25
+    gamma: float = 1.5
+    huber_delta: float = 0.1
+    box_loss_weight: float = 50.0
+    match_iou: float = 0.5
+
+
+@dataclass
+class PostprocessConfig:
+    pre_nms_top_k: int = 5000
+    nms_iou: float = 0.5
+    max_detections: int = 100
+    score_threshold: float = 0.0
+    soft_nms: bool = False
+    soft_nms_sigma: float = 0.5
+
+
+@dataclass
+class EfficientDetConfig:
+    name: str = "efficientdet_d0"
+    arch: str = "efficientdet"
+    num_classes: int = 90
+    image_size: list[int] = field(default_factory=lambda: [512, 512])  # (H, W) the model was designed for
+    act: str = "swish"
+    tf_padding: bool = True  # TF 'SAME' pooling, needed by the TF-ported checkpoints
+    redundant_bias: bool = True  # conv bias before BN, present in the TF-ported checkpoints
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01
+    pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # for inputs scaled to [0, 1]
+    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+
+SCHEMAS: dict[str, type] = {"efficientdet": EfficientDetConfig}
+
+
+def resolve_model_config(cfg: Any, source: str = "model config") -> DictConfig:
+    """Merge a model config (dict / DictConfig) onto its architecture's schema.
+
+    Raises:
+        ValueError: unknown architecture, unknown key or wrong type, naming the key and ``source``.
+    """
+    arch = (cfg.get("arch") if hasattr(cfg, "get") else None) or "efficientdet"
+    if arch not in SCHEMAS:
+        raise ValueError(f"{source}: unknown arch {arch!r}; known: {sorted(SCHEMAS)}")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(SCHEMAS[arch]), cfg)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{source}: {err}") from None

@@ -1,0 +1,85 @@
+"""Backbones: timm models (EfficientNet family and anything with features_only) and torchvision MobileNetV3.
+
+Use :func:`create_backbone`; it picks the implementation from the name and loads local weights in any layout it
+recognises (densekit, bare timm, efficientnet_pytorch, torchvision classification checkpoints).
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+
+from ..checkpoint_io import read_state_dict
+from .base import Backbone, FeatureSpec, level_name
+from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
+from .timm_backbone import TimmBackbone, unknown_backbone_message
+from .torchvision_backbone import TORCHVISION_BACKBONES, MobileNetV3Backbone
+
+__all__ = [
+    "Backbone",
+    "FeatureSpec",
+    "MobileNetV3Backbone",
+    "TimmBackbone",
+    "convert_efficientnet_pytorch",
+    "create_backbone",
+    "is_efficientnet_pytorch_layout",
+    "level_name",
+    "list_backbones",
+]
+
+
+def create_backbone(
+    name: str,
+    out_levels: Sequence[int] | None = None,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> Backbone:
+    """Build a backbone by name and optionally load weights.
+
+    Args:
+        name: ``"mobilenet_v3_large"`` / ``"mobilenet_v3_small"`` (torchvision) or any timm model name with
+            features_only support (``"tf_efficientnet_b0"``, ``"tf_efficientnetv2_s"``, ``"resnet50"``...).
+        out_levels: Pyramid levels to return (level L has stride ``2**L``). ``None`` means (3, 4, 5), or (3, 4)
+            for a dilated MobileNetV3 whose output stride is 16.
+        weights: Local checkpoint to load (all-or-nothing). Recognised layouts: densekit backbone state_dicts
+            (``body.*`` / ``features.*``), bare timm state_dicts (head tensors ignored), efficientnet_pytorch
+            (``_conv_stem``, ``_blocks.N``; converted), torchvision MobileNetV3 classification checkpoints.
+        pretrained: Download the library's pretrained weights. Offline, this fails within seconds with a
+            message suggesting ``weights=``. Mutually exclusive with ``weights``.
+        **kwargs: For MobileNetV3 ``dilated`` / ``reduced_tail``; for timm passed to ``timm.create_model``
+            (e.g. ``drop_path_rate``).
+
+    Raises:
+        ValueError: unknown name (the message lists close matches), unavailable level, or both weights sources.
+        CheckpointError: ``weights`` cannot be read or does not fit; the message names the file and keys.
+        RuntimeError: ``pretrained=True`` but the weights cannot be downloaded.
+    """
+    if weights is not None and pretrained:
+        raise ValueError("pass either weights=<file> or pretrained=True, not both")
+    backbone: TimmBackbone | MobileNetV3Backbone
+    if name in TORCHVISION_BACKBONES:
+        backbone = MobileNetV3Backbone(name, out_levels=out_levels, pretrained=pretrained, **kwargs)
+    elif timm.is_model(name):
+        backbone = TimmBackbone(name, out_levels=(3, 4, 5) if out_levels is None else out_levels, pretrained=pretrained, **kwargs)
+    else:
+        raise ValueError(unknown_backbone_message(name, TORCHVISION_BACKBONES))
+    if weights is not None:
+        backbone.load_weights(read_state_dict(weights), source=f"weights file {weights}")
+    return backbone
+
+
+def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Names :func:`create_backbone` accepts: torchvision's MobileNetV3s, then timm's models.
+
+    Args:
+        pattern: Shell-style filter (``"*efficientnet*"``).
+        pretrained: Only timm models with pretrained weights (then timm names carry their tag, ``name.tag``).
+
+    Not every timm model supports features_only; building one that does not raises a ValueError.
+    """
+    torchvision_names = [n for n in TORCHVISION_BACKBONES if fnmatch.fnmatch(n, pattern)]
+    return torchvision_names + list(timm.list_models(pattern, pretrained=pretrained))

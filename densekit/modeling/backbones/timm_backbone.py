@@ -1,0 +1,200 @@
+"""Any timm model with ``features_only`` support as a densekit :class:`Backbone`.
+
+The timm model is kept, unmodified, as ``self.body``: its state_dict keys are exactly timm's features_only keys
+under ``body.``, which is what efficientdet-pytorch checkpoints map onto (``backbone.*`` -> ``backbone.body.*``).
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from ..checkpoint_io import CheckpointError, load_state_dict_checked
+from ._download import download_errors_explained, ensure_download_possible, hf_hub_cached, torch_hub_cached
+from .base import Backbone, FeatureSpec, level_name
+from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
+
+_RESERVED_KWARGS = ("features_only", "out_indices", "pretrained")
+
+
+def unknown_backbone_message(name: str, extra_names: Iterable[str] = ()) -> str:
+    """Error text for a backbone name neither densekit nor timm knows, with the closest known names."""
+    extra = list(extra_names)
+    arch = name.split(".", 1)[0]  # "resnet50.a1_in1k" -> match on the architecture
+    close = _closest(arch, extra + timm.list_models())
+    hint = f" Closest matches: {', '.join(close)}." if close else ""
+    tv = f" torchvision backbones: {', '.join(extra)}." if extra else ""
+    return (
+        f"unknown backbone {name!r}.{hint}{tv} Any timm model with features_only support works; list them with "
+        f"densekit.list_backbones() or timm.list_models('pattern*')."
+    )
+
+
+def _closest(name: str, candidates: list[str], n: int = 6, cutoff: float = 0.6) -> list[str]:
+    """Like ``difflib.get_close_matches`` but case-insensitive, and ties go alphabetically (b0 before b8)."""
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(name.lower())
+    scored = []
+    for cand in candidates:
+        matcher.set_seq1(cand.lower())
+        if matcher.real_quick_ratio() >= cutoff and matcher.quick_ratio() >= cutoff and (r := matcher.ratio()) >= cutoff:
+            scored.append((-r, cand))
+    return [cand for _, cand in sorted(scored)[:n]]
+
+
+def _feature_table(name: str, timm_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+    """``(reduction, channels)`` of every feature the timm model can return, in timm's index order."""
+    try:
+        # On the meta device no weights are allocated or initialised: the probe costs ~0.1 s even for B7.
+        with torch.device("meta"):
+            probe = timm.create_model(name, features_only=True, pretrained=False, **timm_kwargs)
+    except RuntimeError as err:
+        if "features_only" in str(err):
+            raise ValueError(f"timm model {name!r} has no features_only support, so it cannot be a backbone") from err
+        # Some models compute buffers in __init__ in ways the meta device refuses; fall back to a real build.
+        probe = timm.create_model(name, features_only=True, pretrained=False, **timm_kwargs)
+    return [(int(info["reduction"]), int(info["num_chs"])) for info in probe.feature_info.info]
+
+
+def _out_indices(name: str, table: list[tuple[int, int]], out_levels: Sequence[int]) -> list[int]:
+    """timm ``out_indices`` for the requested levels: per level, the deepest feature with stride ``2**level``."""
+    by_level: dict[int, int] = {}
+    for index, (reduction, _) in enumerate(table):
+        if reduction > 0 and reduction & (reduction - 1) == 0:  # non power-of-two strides have no level
+            by_level[reduction.bit_length() - 1] = index  # later index wins: the end of the stage
+    missing = [lvl for lvl in out_levels if lvl not in by_level]
+    if missing:
+        raise ValueError(
+            f"timm model {name!r} has no feature at level(s) {missing} (stride {[2**m for m in missing]}); "
+            f"it offers levels {sorted(by_level)} (strides {sorted({r for r, _ in table})})"
+        )
+    return [by_level[lvl] for lvl in out_levels]
+
+
+def _check_levels(out_levels: Sequence[int]) -> list[int]:
+    levels = [int(lvl) for lvl in out_levels]
+    if not levels or len(set(levels)) != len(levels):
+        raise ValueError(f"out_levels must be non-empty and free of duplicates, got {tuple(out_levels)}")
+    return sorted(levels)
+
+
+class TimmBackbone(Backbone):
+    """Multi-scale features from a timm model built with ``features_only=True``.
+
+    Feature ``"c{L}"`` is the output of the last module whose stride is ``2**L`` (timm's stage ends), so for
+    ``tf_efficientnet_b0`` the default levels (3, 4, 5) give strides 8/16/32 with 40/112/320 channels.
+
+    Args:
+        name: Any timm model name (optionally with a pretrained tag, ``"resnet50.a1_in1k"``).
+        out_levels: Pyramid levels to return; level L has stride ``2**L``.
+        pretrained: Download timm's pretrained weights (fails fast with a clear message when offline).
+        **timm_kwargs: Passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.2``).
+
+    Raises:
+        ValueError: unknown model, no features_only support, or a requested level the model does not have.
+    """
+
+    def __init__(self, name: str, out_levels: Sequence[int] = (3, 4, 5), pretrained: bool = False, **timm_kwargs: Any):
+        super().__init__()
+        reserved = [k for k in _RESERVED_KWARGS if k in timm_kwargs]
+        if reserved:
+            raise TypeError(f"TimmBackbone sets {reserved} itself; use out_levels / pretrained instead")
+        if not timm.is_model(name):
+            raise ValueError(unknown_backbone_message(name))
+        self.name = name
+        levels = _check_levels(out_levels)
+        table = _feature_table(name, timm_kwargs)
+        out_indices = _out_indices(name, table, levels)
+
+        if pretrained:
+            source, cached = _pretrained_source(name)
+            ensure_download_possible(f"timm model {name!r}", source, cached)
+            with download_errors_explained(f"timm model {name!r}", source):
+                self.body = timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=True, **timm_kwargs)
+        else:
+            self.body = timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=False, **timm_kwargs)
+
+        info = self.body.feature_info
+        self.feature_specs = [
+            FeatureSpec(level_name(lvl), int(stride), int(ch))
+            for lvl, stride, ch in zip(levels, info.reduction(), info.channels())
+        ]
+        # timm's reductions are nominal; a mismatch here would mean the model ignored out_indices.
+        assert [s.level for s in self.feature_specs] == levels, (self.feature_specs, levels)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.body(images)
+        return {spec.name: f for spec, f in zip(self.feature_specs, feats)}
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load weights in any layout this backbone recognises, all-or-nothing.
+
+        Layouts: densekit's own (``body.*``), a bare timm state_dict of the full model (``conv_stem.weight``...;
+        classifier / head tensors that the features_only body lacks are ignored) and efficientnet_pytorch
+        (``_conv_stem.weight``, ``_blocks.N.*``; converted onto this timm model's block structure).
+
+        Raises:
+            CheckpointError: naming ``source`` and the keys that do not fit; the backbone is left unchanged.
+        """
+        ignored: list[str] = []
+        if is_efficientnet_pytorch_layout(state_dict):
+            state_dict = convert_efficientnet_pytorch(state_dict, self, source=source)
+        elif not any(k.startswith("body.") for k in state_dict):
+            state_dict, ignored = self._from_bare_timm(state_dict)
+        try:
+            load_state_dict_checked(self, state_dict, source)
+        except CheckpointError as err:
+            if not ignored:
+                raise
+            note = f"\n  ignored as not part of the features_only model ({len(ignored)}): {', '.join(ignored[:10])}"
+            raise CheckpointError(f"{err}{note}") from None
+
+    def _from_bare_timm(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Map a timm classifier state_dict onto ``body.*``; returns it and the head keys left out."""
+        own = self.state_dict()
+        own_roots = {k.split(".", 2)[1] for k in own}
+        out: dict[str, torch.Tensor] = {}
+        ignored: list[str] = []
+        for key, value in state_dict.items():
+            target = _timm_feature_key(key, own)
+            if target is not None:
+                out[target] = value
+            elif key.split(".", 1)[0] not in own_roots:
+                ignored.append(key)  # a module the features_only wrapper removed (classifier, conv_head, fc...)
+            else:
+                out["body." + key] = value  # part of the body but unknown there: reported as unexpected
+        return out, ignored
+
+
+def _timm_feature_key(key: str, own: Mapping[str, torch.Tensor]) -> str | None:
+    """Where a full-model timm key lives in the features_only body, or None.
+
+    ``FeatureListNet`` flattens nested module names (``stem.0`` -> ``stem_0``) and ``FeatureGetterNet`` nests
+    the model under ``model.``, so besides the identity those spellings are tried.
+    """
+    parts = key.split(".")
+    candidates = ["body." + key, "body.model." + key]
+    candidates += ["body." + "_".join(parts[:i]) + "." + ".".join(parts[i:]) for i in range(2, len(parts))]
+    return next((c for c in candidates if c in own), None)
+
+
+def _pretrained_source(name: str) -> tuple[str, bool]:
+    """Where timm would fetch ``name``'s weights from, and whether they are already cached locally.
+
+    Mirrors timm's own choice: the Hugging Face hub if the config names a hub repo, else the config's URL.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ValueError(f"timm has no pretrained weights for {name!r}; use pretrained=False or weights=<file>")
+    if cfg.file:
+        return str(cfg.file), True
+    if cfg.hf_hub_id:
+        filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+        return f"https://huggingface.co/{cfg.hf_hub_id}", hf_hub_cached(cfg.hf_hub_id, filenames)
+    return str(cfg.url), torch_hub_cached(str(cfg.url))

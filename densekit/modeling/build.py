@@ -1,0 +1,126 @@
+"""Building models from ``conf/model`` entries: the Python twin of what Hydra composes for the tools."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..config import resolve_model_config
+from .anchors import AnchorGenerator
+from .backbones import create_backbone
+from .box_coder import BoxCoder
+from .detector import EfficientDet
+from .heads.efficientdet import EfficientDetHead
+from .losses import DetectionLoss
+from .matcher import ArgMaxMatcher
+from .necks.bifpn import BiFPN
+from .postprocess import DetectionPostprocessor
+
+
+def config_dir() -> Path:
+    """The ``conf/`` tree: ``$DENSEKIT_CONF`` or the one beside the package (editable install / source checkout)."""
+    path = Path(os.environ.get("DENSEKIT_CONF", Path(__file__).resolve().parents[2] / "conf"))
+    if not (path / "model").is_dir():
+        raise FileNotFoundError(f"densekit config tree not found at {path}; set DENSEKIT_CONF to the repo's conf/ directory")
+    return path
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model` (the files in ``conf/model``)."""
+    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def load_model_config(name: str, **overrides: Any) -> DictConfig:
+    """The resolved config of ``conf/model/<name>.yaml`` with ``overrides`` (nested dicts) merged on top."""
+    path = config_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.create(overrides))
+    return resolve_model_config(cfg, source=str(path))
+
+
+def build_efficientdet(cfg: DictConfig) -> EfficientDet:
+    """Assemble an :class:`EfficientDet` from a resolved config (see :class:`densekit.config.EfficientDetConfig`)."""
+    norm = dict(redundant_bias=cfg.redundant_bias, bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
+    backbone = create_backbone(
+        cfg.backbone.name,
+        out_levels=tuple(cfg.backbone.out_levels),
+        weights=cfg.backbone.weights,
+        pretrained=cfg.backbone.pretrained,
+        drop_path_rate=cfg.backbone.drop_path_rate,
+    )
+    lowest = min(s.level for s in backbone.feature_specs)
+    if lowest != cfg.neck.min_level:
+        raise ValueError(f"backbone.out_levels starts at {lowest} but neck.min_level is {cfg.neck.min_level}")
+    neck = BiFPN(
+        backbone.out_channels,
+        min_level=cfg.neck.min_level,
+        max_level=cfg.neck.max_level,
+        channels=cfg.neck.channels,
+        repeats=cfg.neck.repeats,
+        fusion=cfg.neck.fusion,
+        act=cfg.act,
+        tf_padding=cfg.tf_padding,
+        **norm,
+    )
+    anchors = AnchorGenerator(
+        cfg.neck.min_level, cfg.neck.max_level, cfg.anchors.num_scales, cfg.anchors.aspect_ratios, cfg.anchors.anchor_scale
+    )
+    head = EfficientDetHead(
+        cfg.neck.channels,
+        cfg.num_classes,
+        anchors.num_anchors,
+        num_levels=cfg.neck.max_level - cfg.neck.min_level + 1,
+        repeats=cfg.head.repeats,
+        act=cfg.act,
+        **norm,
+    )
+    coder = BoxCoder()
+    post = cfg.postprocess
+    return EfficientDet(
+        backbone,
+        neck,
+        head,
+        anchors,
+        ArgMaxMatcher(coder, cfg.loss.match_iou),
+        DetectionLoss(cfg.loss.alpha, cfg.loss.gamma, cfg.loss.huber_delta, cfg.loss.box_loss_weight),
+        DetectionPostprocessor(
+            coder, post.pre_nms_top_k, post.nms_iou, post.max_detections, post.score_threshold, post.soft_nms, post.soft_nms_sigma
+        ),
+        cfg.pixel_mean,
+        cfg.pixel_std,
+    )
+
+
+_BUILDERS = {"efficientdet": build_efficientdet}
+
+
+def build_model(cfg: Any) -> nn.Module:
+    """Build a model from a (possibly partial) model config, e.g. Hydra's ``cfg.model``."""
+    cfg = resolve_model_config(cfg)
+    model = _BUILDERS[cfg.arch](cfg)
+    model.config = cfg
+    return model
+
+
+def create_model(name: str, num_classes: int | None = None, weights: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
+    """Build any ``conf/model`` entry by name.
+
+    Args:
+        name: Model name, e.g. ``"efficientdet_d0"``; :func:`list_models` lists them.
+        num_classes: Replace the config's class count (the head is re-initialised).
+        weights: A checkpoint to load: densekit's own, an efficientdet-pytorch state_dict, or (for the backbone
+            alone, via ``backbone={"weights": ...}``) EfficientNet weights.
+        **overrides: Config overrides as nested dicts, e.g. ``neck={"repeats": 1}``, ``image_size=[256, 256]``.
+    """
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    model = build_model(load_model_config(name, **overrides))
+    if weights is not None:
+        from .weights import load_weights  # late import: weights.py imports this module's builders
+
+        load_weights(model, weights)
+    return model

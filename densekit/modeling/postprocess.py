@@ -1,0 +1,139 @@
+"""From raw head outputs to detections: top-k on the device, decode, clip, class-wise (soft-)NMS."""
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms
+
+from .box_coder import BoxCoder
+
+
+def flatten_levels(outputs: list[torch.Tensor], last_dim: int) -> torch.Tensor:
+    """``[B, A*K, H, W]`` per level -> ``[B, sum(H*W*A), K]`` in anchor order (level, y, x, anchor)."""
+    batch = outputs[0].shape[0]
+    return torch.cat([o.permute(0, 2, 3, 1).reshape(batch, -1, last_dim) for o in outputs], 1)
+
+
+class DetectionPostprocessor:
+    """Turns flattened logits / regressions into at most ``max_detections`` boxes per image.
+
+    Args:
+        box_coder: Decodes regressions against anchors.
+        pre_nms_top_k: Candidates kept per image before NMS, over all anchors x classes (5000 in EfficientDet).
+        nms_iou: Class-wise NMS IoU threshold.
+        max_detections: Detections kept per image.
+        score_threshold: Drop candidates scoring below this (0 keeps everything, like the reference).
+        soft_nms: Gaussian soft-NMS instead of hard NMS (the official COCO numbers used it).
+        soft_nms_sigma: Gaussian sigma of soft-NMS.
+    """
+
+    def __init__(
+        self,
+        box_coder: BoxCoder,
+        pre_nms_top_k: int = 5000,
+        nms_iou: float = 0.5,
+        max_detections: int = 100,
+        score_threshold: float = 0.0,
+        soft_nms: bool = False,
+        soft_nms_sigma: float = 0.5,
+    ) -> None:
+        self.box_coder = box_coder
+        self.pre_nms_top_k = pre_nms_top_k
+        self.nms_iou = nms_iou
+        self.max_detections = max_detections
+        self.score_threshold = score_threshold
+        self.soft_nms = soft_nms
+        self.soft_nms_sigma = soft_nms_sigma
+
+    def __call__(
+        self,
+        cls_logits: torch.Tensor,
+        box_deltas: torch.Tensor,
+        anchors: torch.Tensor,
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections per image.
+
+        Args:
+            cls_logits: ``[B, N, C]``.
+            box_deltas: ``[B, N, 4]``.
+            anchors: ``[N, 4]`` xyxy.
+            image_sizes: ``(H, W)`` of each image before padding; boxes are clipped to it.
+
+        Returns:
+            One dict per image: ``boxes`` ``[K, 4]`` xyxy in input pixels, ``scores`` ``[K]``, ``labels`` ``[K]``
+            (class index, 0-based), sorted by decreasing score.
+        """
+        batch, num_anchors, num_classes = cls_logits.shape
+        k = min(self.pre_nms_top_k, num_anchors * num_classes)
+        top_logits, top_idx = cls_logits.reshape(batch, -1).topk(k, dim=1)
+        anchor_idx = top_idx // num_classes
+        classes = top_idx % num_classes
+        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)).float()
+        boxes = self.box_coder.decode(deltas, anchors[anchor_idx])
+        limits = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
+        boxes = torch.minimum(boxes.clamp(min=0), limits[:, None])
+        scores = top_logits.float().sigmoid()
+
+        if self.soft_nms:
+            keep_idx, keep_scores = self._soft_nms(boxes, scores, classes)
+        else:
+            keep_idx, keep_scores = self._hard_nms(boxes, scores, classes, num_classes)
+
+        results = []
+        for b in range(batch):
+            idx, sc = keep_idx[b], keep_scores[b]
+            results.append({"boxes": boxes[b, idx], "scores": sc, "labels": classes[b, idx]})
+        return results
+
+    def _hard_nms(self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, num_classes: int):
+        batch, k = scores.shape
+        # One NMS call for the whole batch: (image, class) pairs are the groups.
+        groups = classes + torch.arange(batch, device=classes.device)[:, None] * num_classes
+        flat_scores = scores.reshape(-1)
+        candidates = torch.nonzero(flat_scores >= self.score_threshold).squeeze(1)
+        keep = candidates[batched_nms(boxes.reshape(-1, 4)[candidates], flat_scores[candidates], groups.reshape(-1)[candidates], self.nms_iou)]
+        image_of = keep // k
+        keep_idx, keep_scores = [], []
+        for b in range(batch):  # a loop over images only; `keep` is already sorted by score
+            sel = keep[image_of == b][: self.max_detections] - b * k
+            keep_idx.append(sel)
+            keep_scores.append(scores[b, sel])
+        return keep_idx, keep_scores
+
+    def _soft_nms(self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor):
+        """Gaussian soft-NMS, batched over images: ``max_detections`` rounds, each vectorised over candidates."""
+        batch = scores.shape[0]
+        # Shift each class to its own region of the plane so boxes of different classes never overlap.
+        offset = (boxes.max() + 1) * classes[..., None].to(boxes.dtype)
+        shifted = boxes + offset
+        live = scores.clone()
+        picks, pick_scores = [], []
+        rows = torch.arange(batch, device=boxes.device)
+        for _ in range(min(self.max_detections, scores.shape[1])):
+            best_score, best = live.max(1)
+            picks.append(best)
+            pick_scores.append(best_score)
+            best_box = shifted[rows, best]  # [B, 4]
+            iou = _pairwise_iou_rows(best_box, shifted)  # [B, K]
+            live = live * torch.exp(-(iou * iou) / self.soft_nms_sigma)
+            live[rows, best] = -1.0
+        picks_t, scores_t = torch.stack(picks, 1), torch.stack(pick_scores, 1)
+        threshold = max(self.score_threshold, 1e-3)  # soft-NMS decays scores towards 0: drop the tail
+        keep = scores_t >= threshold
+        return [picks_t[b][keep[b]] for b in range(batch)], [scores_t[b][keep[b]] for b in range(batch)]
+
+
+def _pairwise_iou_rows(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """IoU of one box per row ``[B, 4]`` against that row's candidates ``[B, K, 4]``."""
+    return box_iou_batched(box[:, None], boxes)[:, 0]
+
+
+def box_iou_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU ``[B, M, N]`` between ``[B, M, 4]`` and ``[B, N, 4]`` xyxy boxes (torchvision's box_iou is unbatched)."""
+    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
+

@@ -1,0 +1,84 @@
+"""Checkpoint import through ``weights=``.
+
+Recognised layouts, detected from the keys:
+
+* densekit's own checkpoints (``backbone.body.*`` / ``neck.*`` / ``head.*``, bare or under ``"model"``);
+* efficientdet-pytorch (effdet) ``EfficientDet`` state_dicts, TF-ported (``tf_efficientdet_*``) and native, with
+  either of its head BatchNorm orders;
+* backbone-only checkpoints (timm, efficientnet_pytorch, torchvision MobileNetV3), loaded into ``model.backbone``.
+
+Whatever the layout, loading is all-or-nothing (:func:`~densekit.modeling.checkpoint_io.load_state_dict_checked`).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import nn
+
+from .checkpoint_io import CheckpointError, load_state_dict_checked, read_state_dict
+
+
+def is_effdet_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith("fpn.cell.") for k in state_dict) and any(k.startswith("class_net.") for k in state_dict)
+
+
+def convert_effdet(state_dict: dict[str, torch.Tensor], num_backbone_levels: int) -> dict[str, torch.Tensor]:
+    """Rename an effdet ``EfficientDet`` state_dict to densekit's :class:`EfficientDet` layout.
+
+    Args:
+        state_dict: effdet's keys (``backbone.*``, ``fpn.*``, ``class_net.*``, ``box_net.*``).
+        num_backbone_levels: Backbone feature count; effdet numbers the extra pyramid levels after them.
+    """
+
+    def extra_level(m: re.Match) -> str:
+        return f"neck.extra_levels.{int(m[1]) - num_backbone_levels}.lateral.{m[2]}"
+
+    rules: list[tuple[str, object]] = [
+        (r"^backbone\.", "backbone.body."),
+        (r"^fpn\.resample\.(\d+)\.conv\.(.*)$", extra_level),
+        (r"^fpn\.cell\.(\d+)\.fnode\.(\d+)\.combine\.resample\.(\d+)\.conv\.(.*)$", r"neck.layers.\1.nodes.\2.lateral.\3.\4"),
+        (r"^fpn\.cell\.(\d+)\.fnode\.(\d+)\.combine\.edge_weights$", r"neck.layers.\1.nodes.\2.fusion_weight"),
+        (r"^fpn\.cell\.(\d+)\.fnode\.(\d+)\.after_combine\.conv\.(.*)$", r"neck.layers.\1.nodes.\2.conv.\3"),
+        (r"^(class|box)_net\.conv_rep\.(\d+)\.(.*)$", r"head.\1_net.convs.\2.\3"),
+        # effdet's default head BN order is [repeat][level] with a Sequential('bn'); densekit's is [level][repeat].
+        (r"^(class|box)_net\.bn_rep\.(\d+)\.(\d+)\.bn\.(.*)$", r"head.\1_net.norms.\3.\2.\4"),
+        # ...and its torchscript-friendly toggled order is already [level][repeat].
+        (r"^(class|box)_net\.bn_rep\.(\d+)\.(\d+)\.(.*)$", r"head.\1_net.norms.\2.\3.\4"),
+        (r"^(class|box)_net\.predict\.(.*)$", r"head.\1_net.predict.\2"),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            out[key] = value  # left as is: reported as unexpected by the checked load
+    return out
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint file of any recognised layout into ``model`` (all-or-nothing).
+
+    Raises:
+        CheckpointError: unreadable file, unknown layout, or keys / shapes that do not fit (listed).
+    """
+    state_dict = read_state_dict(path)
+    source = f"checkpoint {os.fspath(path)}"
+    if is_effdet_layout(state_dict):
+        state_dict = convert_effdet(state_dict, len(model.backbone.feature_specs))
+        load_state_dict_checked(model, state_dict, f"{source} (efficientdet-pytorch layout)")
+    elif any(k.startswith(("backbone.", "neck.", "head.")) for k in state_dict):
+        load_state_dict_checked(model, state_dict, source)
+    else:
+        # No detector keys at all: treat it as backbone weights (timm / efficientnet_pytorch / torchvision).
+        try:
+            model.backbone.load_weights(state_dict, source=source)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{err}\n  ({source} is neither a densekit nor an efficientdet-pytorch detector checkpoint, "
+                "and does not fit the backbone either)"
+            ) from None

@@ -1,0 +1,80 @@
+"""densekit loads efficientdet-pytorch (effdet) state_dicts and reproduces its raw outputs and detections."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+effdet = pytest.importorskip("effdet")
+from effdet import DetBenchPredict, EfficientDet as EffDet, get_efficientdet_config  # noqa: E402
+
+import densekit  # noqa: E402
+from densekit.modeling.weights import convert_effdet  # noqa: E402
+from densekit.modeling.checkpoint_io import load_state_dict_checked  # noqa: E402
+
+SIZE = 256  # small input: parity does not depend on resolution, CI time does
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Random weights *and* BN statistics, so that a wrongly mapped BN cannot hide behind identity stats."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "edge_weights" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.2)  # positive, unequal fusion weights
+            elif p.dim() == 1 and ("bn" in name.split(".")[-2] or name.endswith(("bn.weight", "bn.bias"))):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.75)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.2 + 1.0)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+def make_pair(effdet_name: str, densekit_name: str, seed: int, **densekit_overrides):
+    cfg = get_efficientdet_config(effdet_name)
+    cfg.image_size = (SIZE, SIZE)
+    ref = EffDet(cfg, pretrained_backbone=False).eval()
+    randomize_(ref, seed)
+    ours = densekit.create_model(
+        densekit_name,
+        pixel_mean=list(cfg.mean) if "mean" in cfg else [0.485, 0.456, 0.406],
+        pixel_std=list(cfg.std) if "std" in cfg else [0.229, 0.224, 0.225],
+        **densekit_overrides,
+    ).eval()
+    load_state_dict_checked(ours, convert_effdet(ref.state_dict(), len(ours.backbone.feature_specs)), effdet_name)
+    return cfg, ref, ours
+
+
+def normalized(images01: torch.Tensor, cfg) -> torch.Tensor:
+    mean = torch.tensor(cfg.mean if "mean" in cfg else (0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std if "std" in cfg else (0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    return (images01 - mean) / std
+
+
+@pytest.mark.parametrize(
+    "effdet_name,densekit_name",
+    [("tf_efficientdet_d0", "efficientdet_d0"), ("tf_efficientdet_lite0", "efficientdet_lite0")],
+    ids=["d0-fast-fusion", "lite0-sum-fusion"],
+)
+def test_raw_outputs_and_detections_match_effdet(effdet_name: str, densekit_name: str) -> None:
+    cfg, ref, ours = make_pair(effdet_name, densekit_name, seed=0)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_cls, ref_box = ref(normalized(images, cfg))
+        cls, box = ours.forward_raw(images)
+        assert len(cls) == len(ref_cls) == 5
+        for a, b in zip(cls + box, ref_cls + ref_box):
+            assert a.shape == b.shape
+            assert (a - b).abs().max().item() <= 1e-4
+
+        bench = DetBenchPredict(ref).eval()
+        img_info = {"img_scale": torch.ones(2), "img_size": torch.tensor([[SIZE, SIZE]] * 2)}
+        ref_dets = bench(normalized(images, cfg), img_info)
+        dets = ours(images)
+    for d, r in zip(dets, ref_dets):
+        r = r[r[:, 4] > 0]  # effdet pads to 100 rows with zeros
+        assert len(d["boxes"]) == len(r) == 100
+        torch.testing.assert_close(d["boxes"], r[:, :4], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(d["scores"], r[:, 4], atol=1e-5, rtol=1e-4)
+        assert torch.equal(d["labels"] + 1, r[:, 5].long())  # effdet reports 1-based classes
