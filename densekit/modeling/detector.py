@@ -108,14 +108,15 @@ class EfficientDet(nn.Module):
 
     def forward(self, images: Images, targets: list[dict[str, torch.Tensor]] | None = None):
         batch, sizes = self.preprocess(images)
+        if self.training:  # check targets before spending a forward pass on them
+            if targets is None:
+                raise ValueError("in training mode the model needs targets: a list of {'boxes', 'labels'} per image")
+            gt_boxes, gt_labels = self._pad_targets(targets, batch.shape[0], batch.device)
         cls_out, box_out = self._features(batch)
         cls_logits = flatten_levels(cls_out, self.num_classes)
         box_deltas = flatten_levels(box_out, 4)
         anchors = self.anchor_generator(batch.shape[-2:], batch.device)
         if self.training:
-            if targets is None:
-                raise ValueError("in training mode the model needs targets: a list of {'boxes', 'labels'} per image")
-            gt_boxes, gt_labels = self._pad_targets(targets, batch.shape[0], batch.device)
             return self.loss(cls_logits, box_deltas, self.matcher(anchors, gt_boxes, gt_labels))
         return self.postprocessor(cls_logits, box_deltas, anchors, sizes)
 

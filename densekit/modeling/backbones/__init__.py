@@ -64,7 +64,8 @@ def create_backbone(
     if name in TORCHVISION_BACKBONES:
         backbone = MobileNetV3Backbone(name, out_levels=out_levels, pretrained=pretrained, **kwargs)
     elif timm.is_model(name):
-        backbone = TimmBackbone(name, out_levels=(3, 4, 5) if out_levels is None else out_levels, pretrained=pretrained, **kwargs)
+        levels = (3, 4, 5) if out_levels is None else out_levels
+        backbone = TimmBackbone(name, out_levels=levels, pretrained=pretrained, **kwargs)
     else:
         raise ValueError(unknown_backbone_message(name, TORCHVISION_BACKBONES))
     if weights is not None:

@@ -74,7 +74,8 @@ def ensure_download_possible(what: str, source: str, cached: bool) -> None:
         raise RuntimeError(offline_message(what, source, f"{env_var} is set"))
     host = urlparse(source).hostname if "://" in source else "huggingface.co"
     if host and not host_reachable(host):
-        raise RuntimeError(offline_message(what, source, f"{host}:443 did not answer within {PROBE_TIMEOUT_S:g} s"))
+        reason = f"{host}:443 could not be reached (probe timeout {PROBE_TIMEOUT_S:g} s)"
+        raise RuntimeError(offline_message(what, source, reason))
 
 
 @contextmanager

@@ -119,7 +119,8 @@ def convert_efficientnet_pytorch(
     ]
     unexpected = [f"{origin[k]} -> {k}" for k in out if k not in own] + unmapped
     if missing or mismatched or unexpected:
-        raise CheckpointError(format_key_report(f"{source} (efficientnet_pytorch layout)", missing, unexpected, mismatched))
+        source = f"{source} (efficientnet_pytorch layout)"
+        raise CheckpointError(format_key_report(source, missing, unexpected, mismatched))
     return out
 
 

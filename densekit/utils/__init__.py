@@ -1,0 +1,5 @@
+"""Utilities that sit beside the models: complexity counting and published reference numbers."""
+from .complexity import count_macs, count_parameters, to_meta
+from .reference import EFFDET_PARAMS, PAPER, PaperNumbers, effdet_counterpart
+
+__all__ = ["EFFDET_PARAMS", "PAPER", "PaperNumbers", "count_macs", "count_parameters", "effdet_counterpart", "to_meta"]

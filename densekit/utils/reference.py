@@ -1,0 +1,57 @@
+"""Published numbers densekit is checked against, and the names of the matching efficientdet-pytorch models.
+
+Source: Tan, Pang, Le, "EfficientDet: Scalable and Efficient Object Detection" (CVPR 2020), Table 2, as collected
+in the project's reference notes. The paper gives parameters to 0.1M and MACs to three significant digits; it
+publishes no counts for the Lite models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PaperNumbers:
+    """One model's published complexity.
+
+    Attributes:
+        params: Parameters (90-class COCO head), as rounded in the paper.
+        macs: Multiply-adds at the model's input size (the paper's "FLOPs").
+    """
+
+    params: float
+    macs: float
+
+
+PAPER: dict[str, PaperNumbers] = {
+    "efficientdet_d0": PaperNumbers(3.9e6, 2.54e9),
+    "efficientdet_d1": PaperNumbers(6.6e6, 6.10e9),
+    "efficientdet_d2": PaperNumbers(8.1e6, 11.0e9),
+    "efficientdet_d3": PaperNumbers(12.0e6, 24.9e9),
+    "efficientdet_d4": PaperNumbers(20.7e6, 55.2e9),
+    "efficientdet_d5": PaperNumbers(33.7e6, 130e9),
+    "efficientdet_d6": PaperNumbers(51.9e6, 226e9),
+    "efficientdet_d7": PaperNumbers(51.9e6, 325e9),
+    "efficientdet_d7x": PaperNumbers(77.0e6, 410e9),
+}
+
+# Exact counts of efficientdet-pytorch (effdet) models, 90 classes, as published with that port.
+EFFDET_PARAMS: dict[str, int] = {
+    "tf_efficientdet_d0": 3_880_067,
+    "efficientdet_d0": 3_877_763,  # PyTorch-native variant: symmetric padding, no conv bias before BN
+    "tf_efficientdet_d7x": 77_147_166,
+}
+
+
+def effdet_counterpart(name: str) -> str | None:
+    """The efficientdet-pytorch model that ``conf/model/<name>`` reproduces, or None if it has none.
+
+    densekit's ``efficientdet_dN`` / ``efficientdet_liteN`` are the TF-ported ``tf_efficientdet_dN`` /
+    ``tf_efficientdet_liteN`` (TF 'SAME' padding, conv bias before BN). When effdet is installed, the name is
+    checked against its model registry.
+    """
+    candidate = f"tf_{name}"
+    try:
+        from effdet.config.model_config import efficientdet_model_param_dict
+    except ImportError:  # effdet is a test-only dependency: answer from the naming rule alone
+        return candidate if name.startswith("efficientdet_") else None
+    return candidate if candidate in efficientdet_model_param_dict else None
