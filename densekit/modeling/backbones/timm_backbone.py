@@ -54,11 +54,13 @@ def _feature_table(name: str, timm_kwargs: dict[str, Any]) -> list[tuple[int, in
         # On the meta device no weights are allocated or initialised: the probe costs ~0.1 s even for B7.
         with torch.device("meta"):
             probe = timm.create_model(name, features_only=True, pretrained=False, **timm_kwargs)
-    except RuntimeError as err:
-        if "features_only" in str(err):
-            raise ValueError(f"timm model {name!r} has no features_only support, so it cannot be a backbone") from err
-        # Some models compute buffers in __init__ in ways the meta device refuses; fall back to a real build.
-        probe = timm.create_model(name, features_only=True, pretrained=False, **timm_kwargs)
+    except Exception:
+        # Some models compute buffers in __init__ in ways the meta device refuses: retry with a real build,
+        # whose error (if any) is then the model's own.
+        try:
+            probe = timm.create_model(name, features_only=True, pretrained=False, **timm_kwargs)
+        except Exception as err:  # timm raises RuntimeError, AssertionError, TypeError... depending on the model
+            raise ValueError(f"timm cannot build {name!r} with features_only=True: {type(err).__name__}: {err}") from err
     return [(int(info["reduction"]), int(info["num_chs"])) for info in probe.feature_info.info]
 
 
