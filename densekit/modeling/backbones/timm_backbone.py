@@ -11,7 +11,6 @@ from typing import Any
 
 import timm
 import torch
-from torch import nn
 
 from ..checkpoint_io import CheckpointError, load_state_dict_checked
 from ._download import download_errors_explained, ensure_download_possible, hf_hub_cached, torch_hub_cached
@@ -128,8 +127,8 @@ class TimmBackbone(Backbone):
             FeatureSpec(level_name(lvl), int(stride), int(ch))
             for lvl, stride, ch in zip(levels, info.reduction(), info.channels())
         ]
-        # timm's reductions are nominal; a mismatch here would mean the model ignored out_indices.
-        assert [s.level for s in self.feature_specs] == levels, (self.feature_specs, levels)
+        if [s.level for s in self.feature_specs] != levels:  # timm ignored out_indices: never silently mislabel
+            raise RuntimeError(f"timm returned features {self.feature_specs} for requested levels {levels}")
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(images)
