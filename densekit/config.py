@@ -86,6 +86,34 @@ class EfficientDetConfig:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
 
+@dataclass
+class TrainConfig:
+    """Training settings (Hydra group ``train``). Defaults follow the official EfficientDet recipe."""
+
+    batch_size: int = 8  # per process
+    epochs: int = 300
+    max_steps: Optional[int] = None  # overrides epochs when set
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: Optional[float] = None  # absolute learning rate; default: base_lr scaled by total batch / 64
+    base_lr: float = 0.08  # at a total batch of 64 (official); AdamW: use ~1e-3
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    schedule: str = "cosine"  # cosine | poly
+    warmup_epochs: float = 1.0
+    warmup_factor: float = 0.1  # official warm-up starts at 0.008 = 0.1 x 0.08
+    clip_grad_norm: Optional[float] = 10.0
+    ema_decay: float = 0.9998  # 0 disables EMA
+    amp: str = "none"  # none | fp16 | bf16 (bf16 also works on CPU)
+    checkpoint_every: int = 500  # steps
+    eval_every_epochs: int = 0  # 0: evaluate only at the end
+    log_every: int = 10
+    freeze_backbone: bool = False
+    sync_bn: bool = False
+    num_workers: int = 2
+    seed: int = 0
+    backbone_weights: Optional[str] = "auto"  # auto | none | <path>: backbone init when no full checkpoint is given
+
+
 SCHEMAS: dict[str, type] = {"efficientdet": EfficientDetConfig}
 
 
@@ -102,3 +130,14 @@ def resolve_model_config(cfg: Any, source: str = "model config") -> DictConfig:
         return OmegaConf.merge(OmegaConf.structured(SCHEMAS[arch]), cfg)
     except OmegaConfBaseException as err:
         raise ValueError(f"{source}: {err}") from None
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore, so YAML files can extend them and every schema key can be
+    overridden from the command line (``model.postprocess.soft_nms=true``) without a ``+``."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for arch, schema in SCHEMAS.items():
+        cs.store(group="model", name=f"_{arch}_schema", node=schema)
+    cs.store(group="train", name="_schema", node=TrainConfig)

@@ -38,7 +38,9 @@ def load_model_config(name: str, **overrides: Any) -> DictConfig:
     path = config_dir() / "model" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.create(overrides))
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)  # Hydra's pointer to the schema, which resolve_model_config applies itself
+    cfg = OmegaConf.merge(raw, OmegaConf.create(overrides))
     return resolve_model_config(cfg, source=str(path))
 
 

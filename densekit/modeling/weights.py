@@ -66,8 +66,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     Raises:
         CheckpointError: unreadable file, unknown layout, or keys / shapes that do not fit (listed).
     """
-    state_dict = read_state_dict(path)
-    source = f"checkpoint {os.fspath(path)}"
+    load_state_dict_any(model, read_state_dict(path), f"checkpoint {os.fspath(path)}")
+
+
+def load_state_dict_any(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load an in-memory state_dict of any recognised layout (see :func:`load_weights`)."""
     if is_effdet_layout(state_dict):
         state_dict = convert_effdet(state_dict, len(model.backbone.feature_specs))
         load_state_dict_checked(model, state_dict, f"{source} (efficientdet-pytorch layout)")

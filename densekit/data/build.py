@@ -1,0 +1,59 @@
+"""Datasets and label maps from the ``data`` config group (conf/data/*.yaml)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .coco import CocoDetection, coco_paths
+from .synthetic import ensure_synthetic_coco, synthetic_coco_paths
+from .transforms import build_eval_transform, build_train_transform
+
+COCO_ID_HEAD = 90  # the public EfficientDet checkpoints predict COCO category ids 1-90 as labels 0-89
+
+
+def input_size(data_cfg: Any, model_cfg: Any) -> int:
+    """Square training / evaluation resolution: ``data.image_size`` or else the model's."""
+    if data_cfg.get("image_size"):
+        return int(data_cfg.image_size)
+    h, w = model_cfg.image_size
+    if h != w:
+        raise ValueError(f"model.image_size {list(model_cfg.image_size)} is not square; set data.image_size")
+    return int(h)
+
+
+def build_detection_dataset(data_cfg: Any, split: str, image_size: int, train: bool) -> CocoDetection:
+    """A COCO-format dataset for ``split`` with the train or eval transform.
+
+    The synthetic dataset is generated under ``data.root`` on first use when ``data.generate`` is set.
+    """
+    if data_cfg.format != "coco":
+        raise ValueError(f"data.format {data_cfg.format!r} is not a detection format (expected 'coco')")
+    root = Path(data_cfg.root)
+    if data_cfg.get("generate", False):
+        ensure_synthetic_coco(root)
+        image_dir, ann_file = synthetic_coco_paths(root, split)
+    else:
+        image_dir, ann_file = coco_paths(root, split)
+    aug = data_cfg.augment
+    transform = (
+        build_train_transform(image_size, scale_range=tuple(aug.scale_range), hflip=aug.hflip, color_jitter=aug.color_jitter)
+        if train
+        else build_eval_transform(image_size)
+    )
+    return CocoDetection(image_dir, ann_file, transform=transform, train=train)
+
+
+def label_map_for_model(dataset: CocoDetection, num_classes: int) -> list[int]:
+    """Model label -> dataset category id.
+
+    A head trained on this dataset has one output per category (contiguous labels). A 90-class head (the public
+    COCO checkpoints) predicts category ``id`` as label ``id - 1``. Anything else cannot be scored on this dataset.
+    """
+    if num_classes == dataset.num_classes:
+        return list(dataset.label_to_cat_id)
+    if num_classes == COCO_ID_HEAD and max(dataset.label_to_cat_id) <= COCO_ID_HEAD:
+        return list(range(1, COCO_ID_HEAD + 1))
+    raise ValueError(
+        f"the model has {num_classes} classes but {dataset.ann_file} has {dataset.num_classes} categories "
+        f"(ids {dataset.label_to_cat_id[:10]}...); train with model.num_classes={dataset.num_classes}"
+    )

@@ -1,0 +1,44 @@
+"""Exponential moving average of model weights, the weights EfficientDet is evaluated with."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ModelEMA:
+    """Keeps ``ema = decay * ema + (1 - decay) * model`` for every floating-point tensor of the state (weights and
+    BN statistics, as timm's ModelEmaV2 that effdet trains with); integer buffers are copied.
+
+    The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so that a fresh run is not dominated by its random
+    initial weights for thousands of steps (0.9998 has a horizon of ~5000 steps).
+
+    Args:
+        model: The trained model (unwrapped from DDP).
+        decay: Target decay (EfficientDet: 0.9998).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9998) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for target, value in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if value.dtype.is_floating_point:
+                target.mul_(d).add_(value.detach(), alpha=1 - d)
+            else:
+                target.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,266 @@
+"""One training engine for every task: a model that returns a dict of losses in training mode is all it needs.
+
+Features: SGD (momentum) or AdamW, linear warm-up + cosine / poly decay, mixed precision, EMA weights, gradient
+clipping, atomic periodic checkpoints with automatic resume, NaN/inf stop, tqdm progress, TensorBoard scalars,
+frozen-backbone fine-tuning and DistributedDataParallel (torchrun).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import TrainConfig
+from . import distributed as dist_utils
+from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .ema import ModelEMA
+from .schedule import warmup_cosine, warmup_poly
+
+log = logging.getLogger(__name__)
+
+EvaluateFn = Callable[[nn.Module], dict[str, Any]]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Trainer:
+    """Runs the training loop.
+
+    Args:
+        model: Returns a dict of losses from ``model(images, targets)`` in training mode.
+        loader: Yields ``(images, targets)`` batches; a ``DistributedSampler`` if running under torchrun.
+        cfg: Training settings.
+        output_dir: Run directory: ``checkpoints/``, ``tensorboard/``, ``metrics.json``.
+        device: Where to train.
+        evaluate: Called on every rank with the weights to evaluate (EMA if enabled); returns a metrics dict.
+        config_to_save: Resolved run config (plain containers) stored in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Iterable,
+        cfg: TrainConfig,
+        output_dir: str | Path,
+        device: torch.device,
+        evaluate: EvaluateFn | None = None,
+        config_to_save: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.loader = loader
+        self.output_dir = Path(output_dir)
+        self.device = device
+        self.evaluate_fn = evaluate
+        self.config_to_save = config_to_save or {}
+        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.is_main = dist_utils.is_main_process()
+
+        if cfg.freeze_backbone:
+            for p in model.backbone.parameters():
+                p.requires_grad_(False)
+        if cfg.sync_bn and self.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(device)
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            if self.world_size > 1
+            else None
+        )
+
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training loader is empty: no images (or fewer than one batch with drop_last)")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.optimizer = self._build_optimizer()
+        warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
+        if cfg.schedule not in ("cosine", "poly"):
+            raise ValueError(f"train.schedule must be 'cosine' or 'poly', got {cfg.schedule!r}")
+        factor = (warmup_cosine if cfg.schedule == "cosine" else warmup_poly)(self.total_steps, warmup, warmup_factor=cfg.warmup_factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp, "bad")
+        if self.amp_dtype == "bad":
+            raise ValueError(f"train.amp must be one of none, fp16, bf16; got {cfg.amp!r}")
+        if self.amp_dtype is torch.float16 and device.type != "cuda":
+            raise ValueError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.step = 0
+        self.writer = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * self.world_size / 64.0
+        # No weight decay on BN / bias / BiFPN fusion weights: decaying them only fights the normalisation.
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=lr)
+        raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "config": self.config_to_save,
+        }
+
+    def resume_if_possible(self) -> bool:
+        """Continue from ``checkpoints/last.pth`` of this run directory if there is one."""
+        path = find_resume_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d / %d", path, self.step, self.total_steps)
+        return True
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _batches(self):
+        """Endless (epoch, batch) stream starting at ``self.step``; mid-epoch resumes skip the batches already seen."""
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        while True:
+            sampler = getattr(self.loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            # Re-seed the shuffle per epoch so a resumed run sees the same order as an uninterrupted one.
+            generator = getattr(self.loader, "generator", None)
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            for batch in itertools.islice(iter(self.loader), skip, None):
+                yield epoch, batch
+            epoch, skip = epoch + 1, 0
+
+    def _to_device(self, images: torch.Tensor, targets: list[dict[str, Any]]):
+        images = images.to(self.device, non_blocking=True)
+        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        return images, targets
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (resuming if possible); returns the final metrics (main process)."""
+        self.resume_if_possible()
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.output_dir / "tensorboard")
+        net = self.ddp or self.model
+        self._set_train_mode()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        seen, t0 = 0, time.perf_counter()
+        metrics: dict[str, Any] = {}
+        for epoch, (images, targets) in self._batches():
+            if self.step >= self.total_steps:
+                break
+            images, targets = self._to_device(images, targets)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                losses = net(images, targets)
+            loss = sum(losses.values())
+            if not dist_utils.all_finite(loss):
+                last = find_resume_checkpoint(self.checkpoint_dir)
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {self.step} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
+                    f"stopping. Last good checkpoint: {last or 'none yet'}. Try a lower train.lr or train.amp=none."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.cfg.clip_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            if self.ema:
+                self.ema.update(self.model)
+            self.step += 1
+            seen += images.shape[0] * self.world_size
+            bar.update(1)
+
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                rate = seen / (time.perf_counter() - t0)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                if self.writer:
+                    for k, v in losses.items():
+                        self.writer.add_scalar(f"train/{k}", v.item(), self.step)
+                    self.writer.add_scalar("train/loss", loss.item(), self.step)
+                    self.writer.add_scalar("train/lr", lr, self.step)
+                    self.writer.add_scalar("train/images_per_s", rate, self.step)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                if self.is_main:
+                    save_checkpoint(self.checkpoint_dir, self.state_dict())
+                dist_utils.barrier()
+            end_of_epoch = self.step % self.steps_per_epoch == 0
+            if self.cfg.eval_every_epochs and end_of_epoch and (epoch + 1) % self.cfg.eval_every_epochs == 0 and self.step < self.total_steps:
+                metrics = self._evaluate(epoch + 1)
+        bar.close()
+        metrics = self._evaluate(math.ceil(self.step / self.steps_per_epoch))
+        if self.writer:
+            self.writer.close()
+        return metrics
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.cfg.freeze_backbone:
+            self.model.backbone.eval()  # a frozen backbone keeps its BN statistics too
+
+    def eval_model(self) -> nn.Module:
+        """The weights evaluation uses: the EMA copy when enabled."""
+        return self.ema.module if self.ema else self.model
+
+    def _evaluate(self, epoch: int) -> dict[str, Any]:
+        if self.evaluate_fn is None:
+            return {}
+        # Every rank evaluates its shard of the validation set; the evaluator gathers and broadcasts the metrics.
+        metrics = self.evaluate_fn(self.eval_model())
+        self._set_train_mode()
+        if self.is_main:
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if self.writer:
+                for k, v in scalars.items():
+                    self.writer.add_scalar(f"eval/{k}", v, self.step)
+            history_path = self.output_dir / "metrics.json"
+            history = json.loads(history_path.read_text()) if history_path.is_file() else {"history": []}
+            history["history"].append({"step": self.step, "epoch": epoch, **scalars})
+            history["final"] = metrics
+            atomic_save_json(history, history_path)
+        dist_utils.barrier()
+        return metrics
+
+
+def atomic_save_json(obj: Any, path: Path) -> None:
+    """Write JSON through a temp file + rename, like checkpoints, so readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)

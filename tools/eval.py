@@ -1,0 +1,82 @@
+"""Evaluate a detector: ``python tools/eval.py model=efficientdet_d0 data=coco data.split=val weights=...``.
+
+``data.split=test-dev`` (no annotations) writes ``detections_test-dev2017_<model>_results.json`` and its zip for the
+COCO evaluation server. ``eval.visualize=N`` saves N images with predictions drawn. Outputs go to the run directory.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from densekit.config import register_configs
+from densekit.data.build import build_detection_dataset, input_size, label_map_for_model
+from densekit.data.loader import build_detection_loader
+from densekit.engine import distributed as dist_utils
+from densekit.engine.checkpoint import load_checkpoint
+from densekit.engine.evaluate import evaluate_detector
+from densekit.engine.trainer import atomic_save_json
+from densekit.modeling.build import build_model
+from densekit.modeling.checkpoint_io import read_state_dict
+from densekit.modeling.weights import load_state_dict_any
+
+log = logging.getLogger("densekit.eval")
+
+
+def read_eval_weights(path: str, prefer_ema: bool) -> tuple[dict, str, int | None]:
+    """The state_dict to evaluate from ``path`` (EMA weights of a training checkpoint when present and wanted),
+    a description, and the class count recorded in a densekit training checkpoint (None for other files)."""
+    state = load_checkpoint(path)
+    recorded = state.get("config", {}).get("model", {}).get("num_classes") if isinstance(state.get("config"), dict) else None
+    if prefer_ema and isinstance(state.get("ema"), dict):
+        return state["ema"]["module"], f"EMA weights of {path}", recorded
+    return read_state_dict(path), f"checkpoint {path}", recorded
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    _, world_size, device = dist_utils.init_distributed()
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    size = input_size(cfg.data, cfg.model)
+    dataset = build_detection_dataset(cfg.data, cfg.data.split, size, train=False)
+    model_cfg = cfg.model
+    if cfg.weights:
+        state_dict, what, recorded_classes = read_eval_weights(cfg.weights, cfg.eval.ema)
+        if recorded_classes is not None:  # a densekit training run knows its class count
+            model_cfg = OmegaConf.merge(cfg.model, {"num_classes": recorded_classes})
+    elif not cfg.eval.allow_random_weights:
+        raise ValueError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
+    model = build_model(model_cfg)  # num_classes: the run's, the config's, or 90 for the public COCO checkpoints
+    label_map_for_model(dataset, model.num_classes)  # refuse a class-count mismatch before any work
+    if cfg.weights:
+        load_state_dict_any(model, state_dict, what)
+    else:
+        what = "random weights"
+    model.to(device)
+    loader = build_detection_loader(dataset, cfg.eval.batch_size, train=False, num_workers=cfg.eval.num_workers, distributed=world_size > 1)
+    log.info("evaluating %s (%s) on %s at %d px", cfg.model.name, what, dataset, size)
+    metrics = evaluate_detector(
+        model, dataset, loader, device, out_dir, cfg.data.split, cfg.model.name,
+        score_threshold=cfg.eval.score_threshold, visualize=cfg.eval.visualize,
+    )
+    if dist_utils.is_main_process():
+        record = {"model": cfg.model.name, "weights": cfg.weights, "split": cfg.data.split, "input_size": size, **metrics}
+        atomic_save_json(record, out_dir / "metrics.json")
+        OmegaConf.save(cfg, out_dir / "config.yaml")
+        print(f"results in {out_dir}")
+    dist_utils.cleanup_distributed()
+    return metrics
+
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base=None)
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

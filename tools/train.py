@@ -1,0 +1,101 @@
+"""Train a model: ``python tools/train.py [model=...] [data=...] [train.key=value ...]``.
+
+With no arguments: EfficientDet-Lite0 (ImageNet backbone from the installed weights package) on the embedded
+synthetic COCO-format dataset, then COCO evaluation. Distributed: ``torchrun --nproc_per_node=N tools/train.py``.
+An interrupted run resumes when started again with the same ``hydra.run.dir``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from densekit.config import register_configs
+from densekit.data.build import build_detection_dataset, input_size
+from densekit.data.loader import build_detection_loader
+from densekit.engine import distributed as dist_utils
+from densekit.engine.evaluate import evaluate_detector
+from densekit.engine.trainer import TrainConfig, Trainer
+from densekit.modeling.backbones.packaged_weights import packaged_weights
+from densekit.modeling.build import build_model
+from densekit.modeling.checkpoint_io import read_state_dict
+from densekit.modeling.weights import load_weights
+
+log = logging.getLogger("densekit.train")
+
+
+def init_backbone(model: torch.nn.Module, choice: str | None, backbone_name: str) -> str:
+    """Apply ``train.backbone_weights`` (auto | none | path); returns what was used, for the summary."""
+    if choice in (None, "none"):
+        return "random init"
+    path = packaged_weights(backbone_name) if choice == "auto" else Path(choice)
+    if path is None:
+        log.warning("no installed ImageNet weights for %s: the backbone starts from random init", backbone_name)
+        return "random init (no packaged weights)"
+    model.backbone.load_weights(read_state_dict(path), source=f"backbone weights {path}")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict:
+    rank, world_size, device = dist_utils.init_distributed()
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg.train))
+    torch.manual_seed(train_cfg.seed)
+    size = input_size(cfg.data, cfg.model)
+
+    train_set = build_detection_dataset(cfg.data, cfg.data.train_split, size, train=True)
+    val_set = build_detection_dataset(cfg.data, cfg.data.split, size, train=False)
+    model_cfg = OmegaConf.merge(cfg.model, {"num_classes": train_set.num_classes})
+    model = build_model(model_cfg)
+    if cfg.weights:
+        load_weights(model, cfg.weights)
+        init = str(cfg.weights)
+    elif not cfg.model.backbone.weights and not cfg.model.backbone.pretrained:
+        init = init_backbone(model, train_cfg.backbone_weights, cfg.model.backbone.name)
+    else:
+        init = "model.backbone config"
+
+    distributed = world_size > 1
+    loader = build_detection_loader(train_set, train_cfg.batch_size, train=True, num_workers=train_cfg.num_workers, distributed=distributed, seed=train_cfg.seed)
+    val_loader = build_detection_loader(val_set, cfg.eval.batch_size, train=False, num_workers=train_cfg.num_workers, distributed=distributed)
+
+    def evaluate(eval_model: torch.nn.Module) -> dict:
+        return evaluate_detector(
+            eval_model, val_set, val_loader, device, out_dir, cfg.data.split, cfg.model.name,
+            score_threshold=cfg.eval.score_threshold, visualize=cfg.eval.visualize,
+        )
+
+    trainer = Trainer(model, loader, train_cfg, out_dir, device, evaluate, config_to_save=OmegaConf.to_container(cfg, resolve=True))
+    if dist_utils.is_main_process():
+        log.info("train: %s | val: %s | model %s (%d classes) at %d px | backbone init: %s | %d steps on %d process(es), device %s",
+                 train_set, val_set, cfg.model.name, train_set.num_classes, size, init, trainer.total_steps, world_size, device)
+    start = time.perf_counter()
+    metrics = trainer.train()
+    if dist_utils.is_main_process():
+        minutes = (time.perf_counter() - start) / 60
+        images = trainer.total_steps * train_cfg.batch_size * world_size
+        print(
+            f"\n{cfg.model.name} on {cfg.data.name}: {trainer.total_steps} steps, {images} images in {minutes:.1f} min\n"
+            f"AP {metrics.get('AP', float('nan')):.3f}  AP50 {metrics.get('AP50', float('nan')):.3f}  "
+            f"AP75 {metrics.get('AP75', float('nan')):.3f}  (EMA weights: {train_cfg.ema_decay > 0})\n"
+            f"run directory: {out_dir}  (checkpoints/, metrics.json, tensorboard/, detections_{cfg.data.split}.json)"
+        )
+    dist_utils.cleanup_distributed()
+    return metrics
+
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
