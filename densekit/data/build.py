@@ -30,7 +30,7 @@ def build_detection_dataset(data_cfg: Any, split: str, image_size: int, train: b
         raise ValueError(f"data.format {data_cfg.format!r} is not a detection format (expected 'coco')")
     root = Path(data_cfg.root)
     if data_cfg.get("generate", False):
-        ensure_synthetic_coco(root)
+        ensure_synthetic_coco(root, num_train=data_cfg.get("num_train", 400), num_val=data_cfg.get("num_val", 50))
         image_dir, ann_file = synthetic_coco_paths(root, split)
     else:
         image_dir, ann_file = coco_paths(root, split)

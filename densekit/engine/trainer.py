@@ -71,7 +71,10 @@ class Trainer:
             for p in model.backbone.parameters():
                 p.requires_grad_(False)
         if cfg.sync_bn and self.world_size > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                log.warning("train.sync_bn ignored: PyTorch's SyncBatchNorm runs on GPUs only")
         self.model = model.to(device)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.ddp = (

@@ -1,0 +1,114 @@
+"""Training engine: resume after interruption, atomic checkpoints, NaN stop, EMA, frozen backbone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from densekit.engine import checkpoint as ckpt
+from densekit.engine.ema import ModelEMA
+from densekit.engine.trainer import Trainer, TrainingDiverged
+
+
+class InterruptAfter:
+    """Wraps a loader and raises KeyboardInterrupt after ``n`` batches in total (a Ctrl-C / kill mid-run)."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n, self.count = loader, n, 0
+        self.sampler, self.generator = loader.sampler, loader.generator
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.count == self.n:
+                raise KeyboardInterrupt
+            self.count += 1
+            yield batch
+
+
+def test_interrupted_run_resumes_from_last_checkpoint_and_finishes(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
+    import copy
+
+    fresh = copy.deepcopy(tiny_model)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_model, InterruptAfter(tiny_loader, 5), train_cfg, tmp_path, torch.device("cpu")).train()
+    saved = ckpt.load_checkpoint(tmp_path / "checkpoints" / "last.pth")
+    assert saved["step"] == 4  # checkpoints every 2 steps; step 5 was lost with the interruption
+
+    resumed = Trainer(fresh, tiny_loader, train_cfg, tmp_path, torch.device("cpu"))
+    assert resumed.resume_if_possible() and resumed.step == 4
+    assert resumed.scheduler.last_epoch == 4  # the lr schedule continues where it stopped
+    resumed.train()
+    final = ckpt.load_checkpoint(tmp_path / "checkpoints" / "last.pth")
+    assert final["step"] == 6 == resumed.total_steps
+    assert final["ema"]["updates"] == 6
+
+
+def test_checkpoint_write_interrupted_mid_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    ckpt.save_checkpoint(tmp_path, {"step": 2, "w": torch.ones(3)})
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        f.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt  # killed while writing
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, {"step": 4, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(tmp_path / "last.pth")["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no temp file left behind
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
+    original_forward = tiny_model.forward
+    calls = {"n": 0}
+
+    def forward(images, targets=None):
+        out = original_forward(images, targets)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["loss_cls"] = out["loss_cls"] * float("nan")
+        return out
+
+    tiny_model.forward = forward
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 .*Last good checkpoint: .*last\.pth"):
+        Trainer(tiny_model, tiny_loader, train_cfg, tmp_path, torch.device("cpu")).train()
+    assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "last.pth")["step"] == 2
+
+
+def test_ema_tracks_the_average_of_the_weights() -> None:
+    model = torch.nn.Linear(2, 1)
+    ema = ModelEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    start = ema.module.weight.clone()
+    ema.update(model)  # warm-up decay: min(0.5, 2/11) = 2/11
+    d = 2 / 11
+    torch.testing.assert_close(ema.module.weight, start * d + (1 - d) * torch.ones_like(start))
+
+
+def test_frozen_backbone_does_not_change(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
+    train_cfg.freeze_backbone = True
+    train_cfg.max_steps = 2
+    before = {k: v.clone() for k, v in tiny_model.backbone.state_dict().items()}
+    head_before = tiny_model.head.class_net.predict.conv_pw.weight.clone()
+    Trainer(tiny_model, tiny_loader, train_cfg, tmp_path, torch.device("cpu")).train()
+    after = tiny_model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+    assert not torch.equal(head_before, tiny_model.head.class_net.predict.conv_pw.weight)
+
+
+def test_training_reduces_the_loss(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
+    train_cfg.max_steps = 40
+    train_cfg.checkpoint_every = 100
+    images, targets = next(iter(tiny_loader))
+    tiny_model.train()
+    first = sum(tiny_model(images, targets).values()).item()
+    Trainer(tiny_model, tiny_loader, train_cfg, tmp_path, torch.device("cpu")).train()
+    tiny_model.train()
+    with torch.no_grad():
+        last = sum(tiny_model(images, targets).values()).item()
+    assert last < 0.7 * first
