@@ -70,7 +70,9 @@ def train(cfg: DictConfig) -> dict:
             score_threshold=cfg.eval.score_threshold, visualize=cfg.eval.visualize,
         )
 
-    trainer = Trainer(model, loader, train_cfg, out_dir, device, evaluate, config_to_save=OmegaConf.to_container(cfg, resolve=True))
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config["model"] = OmegaConf.to_container(model.config, resolve=True)  # with the dataset's class count
+    trainer = Trainer(model, loader, train_cfg, out_dir, device, evaluate, config_to_save=run_config)
     if dist_utils.is_main_process():
         log.info("train: %s | val: %s | model %s (%d classes) at %d px | backbone init: %s | %d steps on %d process(es), device %s",
                  train_set, val_set, cfg.model.name, train_set.num_classes, size, init, trainer.total_steps, world_size, device)

@@ -1,0 +1,114 @@
+"""tools/train.py and tools/eval.py end to end on tiny synthetic data: a killed run resumes, eval writes COCO files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = ["model=efficientdet_d0", "model.neck.repeats=1", "model.neck.channels=16", "model.head.repeats=1"]
+TINY_DATA = ["data.num_train=24", "data.num_val=6", "data.image_size=128"]
+
+
+def tool(name: str, *overrides: str, datasets: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "tools" / name), *overrides]
+
+
+def env_for(datasets: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "DENSEKIT_DATASETS": str(datasets), "OMP_NUM_THREADS": "2"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """Train 8 steps, SIGKILL the run after its first checkpoint, restart it; returns (run dir, datasets dir)."""
+    base = tmp_path_factory.mktemp("tools")
+    datasets, run = base / "datasets", base / "run"
+    cmd = tool(
+        "train.py", *TINY_MODEL, *TINY_DATA, "train.max_steps=8", "train.batch_size=4", "train.checkpoint_every=2",
+        "train.num_workers=0", "train.backbone_weights=none", "train.ema_decay=0.9", f"hydra.run.dir={run}", datasets=datasets,
+    )
+    last = run / "checkpoints" / "last.pth"
+    proc = subprocess.Popen(cmd, env=env_for(datasets), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), proc.stderr.read()[-2000:]
+    killed_at = torch.load(last, weights_only=True)["step"]
+    assert killed_at < 8
+
+    done = subprocess.run(cmd, env=env_for(datasets), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {last} at step {killed_at} / 8" in done.stdout + done.stderr
+    assert "AP50" in done.stdout and f"run directory: {run}" in done.stdout
+    return run, datasets
+
+
+def test_killed_training_resumes_and_finishes_planned_steps(trained_run) -> None:
+    run, _ = trained_run
+    state = torch.load(run / "checkpoints" / "last.pth", weights_only=True)
+    assert state["step"] == 8 and state["total_steps"] == 8
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"AP", "AP50", "per_class_ap"} <= set(metrics["final"])
+    assert len(metrics["final"]["per_class_ap"]) == 5
+    results = json.loads((run / "detections_val.json").read_text())
+    assert all(r["category_id"] in {3, 7, 12, 25, 40} for r in results)  # original, non-contiguous ids
+    assert list((run / "tensorboard").iterdir())
+
+
+def test_eval_tool_scores_a_training_checkpoint_and_draws_pictures(trained_run, tmp_path: Path) -> None:
+    run, datasets = trained_run
+    cmd = tool("eval.py", *TINY_MODEL, *TINY_DATA, f"weights={run / 'checkpoints' / 'last.pth'}", "eval.visualize=2",
+               "eval.num_workers=0", f"hydra.run.dir={tmp_path}", datasets=datasets)
+    done = subprocess.run(cmd, env=env_for(datasets), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["split"] == "val" and 0.0 <= metrics["AP"] <= 1.0
+    assert "Per-class AP" in done.stdout
+    assert len(list((tmp_path / "vis").glob("*.jpg"))) == 2
+    assert "EMA weights" in done.stdout + done.stderr
+
+
+def test_eval_tool_writes_a_test_dev_submission_pycocotools_can_load(trained_run, tmp_path: Path) -> None:
+    from pycocotools.coco import COCO
+
+    run, datasets = trained_run
+    # A COCO-layout dataset with an image-info file (no annotations), like test-dev2017.
+    val = json.loads((datasets / "synthetic_shapes" / "annotations" / "instances_val.json").read_text())
+    coco = tmp_path / "datasets" / "coco"
+    (coco / "test2017").mkdir(parents=True)
+    (coco / "annotations").mkdir()
+    for img in val["images"]:
+        shutil.copy(datasets / "synthetic_shapes" / "val" / img["file_name"], coco / "test2017" / img["file_name"])
+    info = coco / "annotations" / "image_info_test-dev2017.json"
+    info.write_text(json.dumps({"images": val["images"], "categories": val["categories"]}))
+
+    out = tmp_path / "out"
+    cmd = tool("eval.py", *TINY_MODEL, "data=coco", "data.split=test-dev", "data.image_size=128",
+               f"weights={run / 'checkpoints' / 'last.pth'}", "eval.num_workers=0", f"hydra.run.dir={out}", datasets=tmp_path / "datasets")
+    done = subprocess.run(cmd, env=env_for(tmp_path / "datasets"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = out / "detections_test-dev2017_efficientdet-d0_results.json"
+    assert result.is_file() and (out / "detections_test-dev2017_efficientdet-d0_results.zip").is_file()
+    loaded = COCO(str(info)).loadRes(str(result))
+    assert len(loaded.getAnnIds()) > 0
+    assert set(loaded.getCatIds()) <= {3, 7, 12, 25, 40}
+
+
+def test_bad_config_key_and_missing_dataset_give_clear_errors(tmp_path: Path) -> None:
+    done = subprocess.run(tool("train.py", "train.lerning_rate=1", datasets=tmp_path), env=env_for(tmp_path), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "lerning_rate" in done.stderr
+    done = subprocess.run(tool("eval.py", "data=coco", "eval.allow_random_weights=true", datasets=tmp_path / "nowhere"),
+                          env=env_for(tmp_path / "nowhere"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "nowhere" in done.stderr and "Traceback" not in done.stderr[-300:]
