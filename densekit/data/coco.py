@@ -1,0 +1,313 @@
+"""COCO-format detection dataset with up-front validation of the annotation file.
+
+Everything that can be checked without decoding images is checked when the dataset is built, so a bad annotation
+file fails at startup with its path (and the offending annotation id) instead of hours into training. Boxes are
+converted once into flat arrays; ``__getitem__`` only slices them.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from .transforms import TransformOutput, image_to_tensor
+
+log = logging.getLogger(__name__)
+
+CROWD_LABEL = -2  # the matcher's IGNORE label: anchors on crowd regions get no loss
+DATASETS_ENV = "DENSEKIT_DATASETS"
+
+_COCO_SPLITS = {
+    "train": ("train2017", "annotations/instances_train2017.json"),
+    "val": ("val2017", "annotations/instances_val2017.json"),
+    "test-dev": ("test2017", "annotations/image_info_test-dev2017.json"),
+}
+
+Transform = Callable[[np.ndarray, np.ndarray, np.ndarray], TransformOutput]
+
+
+def datasets_root() -> Path:
+    """``$DENSEKIT_DATASETS``, or ``./datasets`` when unset."""
+    return Path(os.environ.get(DATASETS_ENV) or "datasets")
+
+
+def coco_paths(root: str | Path | None = None, split: str = "train") -> tuple[Path, Path]:
+    """Image folder and annotation file of a COCO 2017 split in the official layout.
+
+    Args:
+        root: The ``coco`` folder; defaults to ``$DENSEKIT_DATASETS/coco``.
+        split: ``"train"``, ``"val"`` or ``"test-dev"`` (image info only: build its dataset with ``train=False``).
+
+    Returns:
+        ``(image_dir, ann_file)``. Only ``root`` is checked here; :class:`CocoDetection` checks the rest.
+    """
+    if split not in _COCO_SPLITS:
+        raise ValueError(f"unknown COCO split {split!r}; expected one of {sorted(_COCO_SPLITS)}")
+    root = Path(root) if root is not None else datasets_root() / "coco"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"COCO root {root} does not exist. Place COCO 2017 there in the official layout described in "
+            f"datasets/README.md (train2017/, val2017/, test2017/, annotations/), or set {DATASETS_ENV} to the "
+            f"folder that contains coco/."
+        )
+    image_dir, ann_file = _COCO_SPLITS[split]
+    return root / image_dir, root / ann_file
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to ``uint8`` RGB ``[H, W, 3]``.
+
+    EXIF orientation is ignored on purpose: COCO boxes are in the stored pixel frame (as PIL loads it), and
+    OpenCV would otherwise rotate some COCO photos away from their annotations.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        OSError: The file cannot be decoded. Both are plain exception types so the message survives the re-raise
+            in the main process when the error happens in a DataLoader worker.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    data = np.fromfile(path, dtype=np.uint8)  # not cv2.imread, which cannot tell "missing" from "corrupt"
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if image is None:
+        raise OSError(f"cannot decode image file {path} ({data.size} bytes): not a readable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _load_json(ann_file: Path) -> dict[str, Any]:
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file {ann_file} does not exist")
+    if ann_file.stat().st_size == 0:
+        raise ValueError(f"annotation file {ann_file} is empty")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"annotation file {ann_file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"annotation file {ann_file}: expected a JSON object, got {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"annotation file {ann_file}: missing or malformed {key!r} list (not COCO format?)")
+    if "annotations" in data and not isinstance(data["annotations"], list):
+        raise ValueError(f"annotation file {ann_file}: 'annotations' must be a list")
+    return data
+
+
+def _column(records: list[dict], key: str, dtype: Any, ann_file: Path, what: str, shape: tuple = ()) -> np.ndarray:
+    """One field of every record as an array; only when that fails are records scanned to name the bad one."""
+    values = [r.get(key) if isinstance(r, dict) else None for r in records]
+    try:
+        out = np.asarray(values, dtype=dtype)
+        if out.shape == (len(records), *shape) and (out.dtype.kind != "f" or np.isfinite(out).all()):
+            return out.reshape(len(records), *shape)
+    except (TypeError, ValueError):
+        pass
+    for i, (r, v) in enumerate(zip(records, values)):
+        try:
+            ok = np.asarray(v, dtype=dtype).shape == shape and (np.dtype(dtype).kind != "f" or np.isfinite(v).all())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            rid = r.get("id", f"#{i}") if isinstance(r, dict) else f"#{i}"
+            raise ValueError(f"annotation file {ann_file}: {what} {rid} has a missing or malformed {key!r}: {v!r}")
+    raise ValueError(f"annotation file {ann_file}: malformed {key!r} in {what}s")  # pragma: no cover
+
+
+class CocoDetection(Dataset):
+    """A COCO-format detection dataset returning ``(image, target)`` pairs for :class:`EfficientDet`.
+
+    Category ids (1-90 with gaps in COCO) map to contiguous labels in sorted-id order; images without boxes are
+    kept (they are negatives in training and count in evaluation). Crowd boxes get label ``-2`` in training (the
+    loss ignores anchors on them) and are dropped in evaluation, where COCOeval reads them from :attr:`coco`.
+
+    Args:
+        image_dir: Folder holding the images named by ``file_name``.
+        ann_file: COCO json; one with no ``annotations`` (e.g. test-dev image info) gives zero boxes everywhere.
+        transform: ``(image, boxes, labels) -> (image, boxes, labels, scale, size)``, e.g.
+            :func:`build_train_transform`; ``None`` returns the image as-is with ``scale=1``.
+        train: Keep crowd boxes as ignore regions instead of dropping them.
+
+    Attributes:
+        coco: The pycocotools ``COCO`` object over the unmodified annotations (the evaluation ground truth).
+        image_ids: COCO image id of each index, sorted.
+        cat_ids / label_to_cat_id: COCO category id of each label.
+        cat_id_to_label: The inverse mapping.
+        class_names: Category name of each label.
+    """
+
+    def __init__(
+        self, image_dir: str | Path, ann_file: str | Path, transform: Transform | None = None, train: bool = True
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.transform = transform
+        self.train = train
+        data = _load_json(self.ann_file)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image folder {self.image_dir} (for {self.ann_file}) does not exist")
+        self.has_annotations = "annotations" in data
+        if train and not self.has_annotations:
+            raise ValueError(
+                f"annotation file {self.ann_file} has no 'annotations' (image info only, like test-dev): "
+                "it cannot be used for training; build the dataset with train=False"
+            )
+        data.setdefault("annotations", [])  # COCOeval / loadRes expect the key
+
+        self._parse_categories(data["categories"])
+        self._parse_images(data["images"])
+        self._parse_annotations(data["annotations"])
+
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    @property
+    def label_to_cat_id(self) -> list[int]:
+        return self.cat_ids
+
+    def _parse_categories(self, cats: list[dict]) -> None:
+        ids = _column(cats, "id", np.int64, self.ann_file, "category")
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError(f"annotation file {self.ann_file}: duplicate category ids")
+        order = np.argsort(ids, kind="stable")
+        self.cat_ids: list[int] = ids[order].tolist()
+        self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.cat_ids)}
+        self.class_names: list[str] = [str(cats[i].get("name", self.cat_ids[k])) for k, i in enumerate(order)]
+
+    def _parse_images(self, images: list[dict]) -> None:
+        ids = _column(images, "id", np.int64, self.ann_file, "image")
+        sizes = np.stack(
+            [_column(images, k, np.int64, self.ann_file, "image") for k in ("height", "width")], 1
+        )
+        bad_names = [im.get("id", f"#{i}") for i, im in enumerate(images) if not isinstance(im.get("file_name"), str)]
+        if bad_names:
+            raise ValueError(f"annotation file {self.ann_file}: images {bad_names[:5]} have no 'file_name'")
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError(f"annotation file {self.ann_file}: duplicate image ids")
+        if (sizes <= 0).any():
+            bad = ids[(sizes <= 0).any(1)][:5].tolist()
+            raise ValueError(f"annotation file {self.ann_file}: images {bad} have a non-positive width/height")
+        order = np.argsort(ids, kind="stable")
+        self.image_ids: list[int] = ids[order].tolist()
+        # A numpy string array, not a list of str: reading list items in forked DataLoader workers bumps their
+        # refcounts, which copies the parent's memory pages into every worker over an epoch.
+        self._file_names = np.array([images[i]["file_name"] for i in order], dtype=str)
+        self._sizes = sizes[order]  # [N, 2] (H, W) from the json, checked against the decoded image
+
+    def _parse_annotations(self, anns: list[dict]) -> None:
+        n = len(anns)
+        ann_ids = _column(anns, "id", np.int64, self.ann_file, "annotation") if n else np.zeros(0, np.int64)
+        if n:
+            img_ids = _column(anns, "image_id", np.int64, self.ann_file, "annotation")
+            cat_ids = _column(anns, "category_id", np.int64, self.ann_file, "annotation")
+            xywh = _column(anns, "bbox", np.float64, self.ann_file, "annotation", shape=(4,))
+            crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+        else:
+            img_ids = cat_ids = np.zeros(0, np.int64)
+            xywh, crowd = np.zeros((0, 4)), np.zeros(0, bool)
+
+        sorted_img_ids = np.asarray(self.image_ids, dtype=np.int64)
+        img_index = np.searchsorted(sorted_img_ids, img_ids).clip(max=max(len(sorted_img_ids) - 1, 0))
+        bad = sorted_img_ids[img_index] != img_ids if len(sorted_img_ids) else np.ones(n, bool)
+        if bad.any():
+            raise ValueError(
+                f"annotation file {self.ann_file}: annotations {ann_ids[bad][:5].tolist()} refer to unknown image "
+                f"ids {np.unique(img_ids[bad])[:5].tolist()}"
+            )
+        known_cats = np.asarray(self.cat_ids, dtype=np.int64)
+        label = np.searchsorted(known_cats, cat_ids).clip(max=max(len(known_cats) - 1, 0))
+        bad = known_cats[label] != cat_ids if len(known_cats) else np.ones(n, bool)
+        if bad.any():
+            raise ValueError(
+                f"annotation file {self.ann_file}: annotations {ann_ids[bad][:5].tolist()} have category ids "
+                f"{np.unique(cat_ids[bad])[:5].tolist()} not listed in 'categories' (known: {self.cat_ids})"
+            )
+
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        hw = self._sizes[img_index].astype(np.float64)
+        limits = np.concatenate([hw[:, ::-1], hw[:, ::-1]], 1)  # (W, H, W, H)
+        clipped = np.clip(boxes, 0.0, limits)
+        degenerate = (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)
+        outside = ~degenerate & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+        partly = ~degenerate & ~outside & (clipped != boxes).any(1)
+        keep = ~degenerate & ~outside
+        if degenerate.any() or outside.any() or partly.any():
+            examples = ann_ids[degenerate | outside | partly][:5].tolist()
+            log.warning(
+                "%s: dropped %d zero-area boxes and %d boxes entirely outside their image, clipped %d boxes partly "
+                "outside their image (of %d; e.g. annotation ids %s)",
+                self.ann_file, degenerate.sum(), outside.sum(), partly.sum(), n, examples,
+            )
+        labels = np.where(crowd, CROWD_LABEL, label)
+        if not self.train:
+            keep &= ~crowd
+
+        img_index, clipped, labels = img_index[keep], clipped[keep], labels[keep]
+        order = np.argsort(img_index, kind="stable")
+        self._boxes = clipped[order].astype(np.float32)
+        self._labels = labels[order].astype(np.int64)
+        # Annotations of image i are rows _starts[i]:_starts[i + 1].
+        self._starts = np.searchsorted(img_index[order], np.arange(len(self.image_ids) + 1))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Validated boxes (``[M, 4]`` xyxy, original pixels) and labels of an image, without decoding it."""
+        s, e = self._starts[index], self._starts[index + 1]
+        return self._boxes[s:e].copy(), self._labels[s:e].copy()
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / str(self._file_names[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        path = self.image_path(index)
+        image_id = self.image_ids[index]
+        try:
+            image = read_image(path)
+        except OSError as e:  # FileNotFoundError included; re-raised with the dataset context, same type
+            raise type(e)(f"{e} (image id {image_id} in {self.ann_file})") from None
+        orig_size = (int(image.shape[0]), int(image.shape[1]))
+        if orig_size != tuple(self._sizes[index].tolist()):
+            raise ValueError(
+                f"image file {path} is {orig_size[0]}x{orig_size[1]} (HxW) but {self.ann_file} says "
+                f"{self._sizes[index][0]}x{self._sizes[index][1]} for image id {image_id}; its boxes would be wrong"
+            )
+        boxes, labels = self.annotations(index)
+        if self.transform is not None:
+            tensor, boxes, labels, scale, size = self.transform(image, boxes, labels)
+        else:
+            tensor, scale, size = image_to_tensor(image), 1.0, orig_size
+        target = {
+            "boxes": torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
+            "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)),
+            "image_id": int(image_id),
+            "scale": float(scale),
+            "orig_size": orig_size,
+            "size": (int(size[0]), int(size[1])),
+        }
+        return tensor, target
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(ann_file={str(self.ann_file)!r}, images={len(self)}, boxes={len(self._boxes)}, "
+            f"classes={self.num_classes}, train={self.train})"
+        )

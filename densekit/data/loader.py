@@ -1,0 +1,127 @@
+"""DataLoader construction for detection: batching, (distributed) sampling and reproducible per-worker seeding."""
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+
+
+def collate_detection(
+    batch: Sequence[tuple[torch.Tensor, dict[str, Any]]],
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Stack ``(image, target)`` pairs into ``images [B, 3, H, W]`` and a list of targets.
+
+    Images of different sizes (no transform) are zero-padded at the bottom / right to the largest, which leaves
+    box coordinates valid; each target's ``size`` still gives its unpadded extent.
+    """
+    if len(batch) == 0:
+        raise ValueError("cannot collate an empty batch")
+    images = [b[0] for b in batch]
+    targets = [b[1] for b in batch]
+    if all(img.shape == images[0].shape for img in images):
+        return torch.stack(images), targets
+    h = max(img.shape[-2] for img in images)
+    w = max(img.shape[-1] for img in images)
+    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for img, dst in zip(images, out):
+        dst[:, : img.shape[-2], : img.shape[-1]].copy_(img)
+    return out, targets
+
+
+def seed_transforms(dataset: Any, seed: int) -> None:
+    """Seed the random transform(s) of ``dataset``, looking through ``Subset`` / ``ConcatDataset`` wrappers.
+
+    A transform takes part if it has ``set_random_seed(seed)`` (like :class:`DetectionTransform`).
+    """
+    pending, seen = [dataset], set()
+    while pending:
+        ds = pending.pop()
+        if id(ds) in seen:
+            continue
+        seen.add(id(ds))
+        transform = getattr(ds, "transform", None)
+        if callable(getattr(transform, "set_random_seed", None)):
+            transform.set_random_seed(seed)
+        pending.extend(getattr(ds, "datasets", []))  # ConcatDataset
+        if getattr(ds, "dataset", None) is not None:  # Subset
+            pending.append(ds.dataset)
+
+
+def _worker_init(worker_id: int, rank: int = 0) -> None:
+    # torch seeds each worker with base_seed + worker_id, base_seed drawn from the loader's generator: derive the
+    # transform / numpy / random seeds from it, so they differ per worker yet repeat across runs. The rank is mixed
+    # in too, since a caller may re-seed the generator identically on every rank (e.g. per epoch, for resuming).
+    seed = int(np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    # Workers are the parallelism; OpenCV's own threads on top would oversubscribe the cores.
+    cv2.setNumThreads(0)
+    info = get_worker_info()
+    if info is not None:
+        seed_transforms(info.dataset, seed)
+
+
+def build_detection_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 2,
+    distributed: bool = False,
+    seed: int = 0,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """A DataLoader yielding ``(images [B, 3, S, S], targets)`` from a detection dataset.
+
+    Args:
+        dataset: E.g. :class:`CocoDetection`.
+        batch_size: Images per batch (per process when distributed).
+        train: Shuffle (a new order per epoch) and, by default, drop the last incomplete batch.
+        num_workers: Worker processes; with any, they persist across epochs.
+        distributed: Shard with a ``DistributedSampler`` (requires an initialised process group). Call
+            ``loader.sampler.set_epoch(epoch)`` every epoch for a new shuffle. In evaluation the sampler pads the
+            last shard with repeated images: deduplicate predictions by ``image_id``.
+        seed: Seed of the shuffle and of the augmentations.
+        drop_last: Defaults to ``train``.
+
+    Returns:
+        The loader. With ``num_workers=0`` the dataset's transform is seeded here from ``seed`` (and the rank);
+        with workers, each worker seeds its own copy.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    drop_last = train if drop_last is None else drop_last
+    sampler = None
+    rank = 0
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False)
+        rank = sampler.rank
+    # Ranks get different augmentation seeds but, through the sampler's shared seed, the same shuffle.
+    loader_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    generator = torch.Generator().manual_seed(loader_seed)
+    if num_workers == 0:
+        seed_transforms(dataset, loader_seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=functools.partial(_worker_init, rank=rank) if num_workers > 0 else None,
+        generator=generator,
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"the loader yields no batches: {len(loader.sampler)} images per process with batch_size={batch_size} "
+            "and drop_last=True; use a smaller batch or drop_last=False"
+        )
+    return loader
