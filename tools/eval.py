@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict:
     _, world_size, device = dist_utils.init_distributed()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     size = input_size(cfg.data, cfg.model)
-    dataset = build_detection_dataset(cfg.data, cfg.data.split, size, train=False)
+    dataset = build_detection_dataset(cfg.data, cfg.data.split, size, train=False, pixel_mean=cfg.model.pixel_mean)
     model_cfg = cfg.model
     if cfg.weights:
         state_dict, what, recorded_classes = read_eval_weights(cfg.weights, cfg.eval.ema)

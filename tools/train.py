@@ -48,8 +48,8 @@ def train(cfg: DictConfig) -> dict:
     torch.manual_seed(train_cfg.seed)
     size = input_size(cfg.data, cfg.model)
 
-    train_set = build_detection_dataset(cfg.data, cfg.data.train_split, size, train=True)
-    val_set = build_detection_dataset(cfg.data, cfg.data.split, size, train=False)
+    train_set = build_detection_dataset(cfg.data, cfg.data.train_split, size, train=True, pixel_mean=cfg.model.pixel_mean)
+    val_set = build_detection_dataset(cfg.data, cfg.data.split, size, train=False, pixel_mean=cfg.model.pixel_mean)
     model_cfg = OmegaConf.merge(cfg.model, {"num_classes": train_set.num_classes})
     model = build_model(model_cfg)
     if cfg.weights:

@@ -1,5 +1,14 @@
 """Utilities that sit beside the models: complexity counting and published reference numbers."""
-from .complexity import count_macs, count_parameters, to_meta
+from .complexity import count_macs, count_parameters, format_count, to_meta
 from .reference import EFFDET_PARAMS, PAPER, PaperNumbers, effdet_counterpart
 
-__all__ = ["EFFDET_PARAMS", "PAPER", "PaperNumbers", "count_macs", "count_parameters", "effdet_counterpart", "to_meta"]
+__all__ = [
+    "EFFDET_PARAMS",
+    "PAPER",
+    "PaperNumbers",
+    "count_macs",
+    "count_parameters",
+    "effdet_counterpart",
+    "format_count",
+    "to_meta",
+]

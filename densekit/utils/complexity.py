@@ -83,8 +83,16 @@ def count_macs(model: nn.Module, image_size: Sequence[int], batch: int = 1) -> i
         return _count(to_meta(model), image_size, batch, META)
     except (NotImplementedError, RuntimeError) as err:
         # Data-dependent ops (e.g. .item(), nonzero) have no meta kernel or no meaning on meta tensors.
-        log.info("meta-device MAC count failed (%s); counting with a real CPU forward pass", err)
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    if device == META:
-        raise RuntimeError("count_macs: the model lives on the meta device and cannot run there; build it on the CPU")
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        if device == META:  # nothing to fall back to: the model has no weights to run with
+            raise RuntimeError(f"count_macs: the model cannot run on the meta device ({err}); build it on the CPU") from err
+        log.info("meta-device MAC count failed (%s); counting with a real forward pass on %s", err, device)
     return _count(model, image_size, batch, device)
+
+
+def format_count(n: float, digits: int = 2) -> str:
+    """``n`` with a K / M / B suffix, e.g. ``3880067 -> "3.88M"``, ``2.49e9 -> "2.49B"``."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f}{suffix}"
+    return f"{n:g}"
