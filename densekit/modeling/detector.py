@@ -32,7 +32,8 @@ class EfficientDet(nn.Module):
 
     ``images`` is a float tensor ``[B, 3, H, W]`` with values in [0, 1] (uint8 0-255 is accepted too) or a list of
     ``[3, H, W]`` tensors. The model normalises them with ``pixel_mean`` / ``pixel_std`` and pads bottom/right to a
-    multiple of ``2 ** max_level``, which leaves box coordinates unchanged; boxes are clipped to each unpadded image.
+    multiple of the backbone's largest stride (32), which leaves box coordinates unchanged; boxes are clipped to each
+    unpadded image.
     """
 
     def __init__(
@@ -58,7 +59,9 @@ class EfficientDet(nn.Module):
         # Not persistent: normalisation is configuration, and keeping it out of state_dict keeps checkpoints portable.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), persistent=False)
-        self.size_divisor = 2**neck.max_level
+        # Levels above the backbone are made by ceil-halving (TF 'SAME' pooling), exactly as the anchors assume, so
+        # only the backbone's own strides need the input to divide evenly: 320 px (Lite0) runs as is, like effdet.
+        self.size_divisor = max(backbone.strides)
         self._warned_sizes: set[tuple[int, int]] = set()
 
     @property

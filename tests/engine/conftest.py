@@ -33,6 +33,7 @@ def collate(batch):
 
 @pytest.fixture
 def tiny_model():
+    torch.manual_seed(0)
     return densekit.create_model("efficientdet_d0", num_classes=2, image_size=[64, 64], neck={"repeats": 1, "channels": 16}, head={"repeats": 1})
 
 

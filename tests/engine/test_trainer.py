@@ -102,13 +102,14 @@ def test_frozen_backbone_does_not_change(tmp_path: Path, tiny_model, tiny_loader
 
 
 def test_training_reduces_the_loss(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
-    train_cfg.max_steps = 40
+    train_cfg.max_steps = 80
     train_cfg.checkpoint_every = 100
-    images, targets = next(iter(tiny_loader))
-    tiny_model.train()
-    first = sum(tiny_model(images, targets).values()).item()
+
+    def mean_loss() -> float:
+        tiny_model.train()
+        with torch.no_grad():
+            return sum(sum(tiny_model(i, t).values()).item() for i, t in tiny_loader) / len(tiny_loader)
+
+    first = mean_loss()
     Trainer(tiny_model, tiny_loader, train_cfg, tmp_path, torch.device("cpu")).train()
-    tiny_model.train()
-    with torch.no_grad():
-        last = sum(tiny_model(images, targets).values()).item()
-    assert last < 0.7 * first
+    assert mean_loss() < 0.75 * first  # 0.56 with this seed
