@@ -40,7 +40,7 @@ def billions(n: float | None, published: bool = False) -> str:
 
 
 def padded_note(model: nn.Module, size: list[int]) -> str:
-    """`` (runs HxW)`` when densekit pads this input to a multiple of ``2 ** max_level``, else empty."""
+    """`` (runs HxW)`` when densekit pads this input to a multiple of the backbone stride, else empty."""
     divisor = getattr(model, "size_divisor", 1)
     run = [-(-n // divisor) * divisor for n in size]
     return f" (runs {run[0]}x{run[1]})" if run != size else ""

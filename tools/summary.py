@@ -80,7 +80,7 @@ def summarize(model: nn.Module, size: tuple[int, int]) -> str:
         x = torch.zeros(1, 3, *size, device=next(model.parameters()).device)
         cls_out, box_out = model.forward_raw(x)
     macs = count_macs(model, size)
-    divisor = getattr(model, "size_divisor", 1)  # densekit's EfficientDet pads its input to a multiple of this
+    divisor = getattr(model, "size_divisor", 1)  # densekit's EfficientDet pads its input to a multiple of this (the backbone stride)
     run = tuple(-(-n // divisor) * divisor for n in size)
     at_config = list(size) == list(cfg.image_size)
     size_note = "the config's" if at_config else f"config: {cfg.image_size[0]}x{cfg.image_size[1]}"

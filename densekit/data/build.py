@@ -21,10 +21,11 @@ def input_size(data_cfg: Any, model_cfg: Any) -> int:
     return int(h)
 
 
-def build_detection_dataset(data_cfg: Any, split: str, image_size: int, train: bool) -> CocoDetection:
+def build_detection_dataset(data_cfg: Any, split: str, image_size: int, train: bool, pixel_mean: Any = None) -> CocoDetection:
     """A COCO-format dataset for ``split`` with the train or eval transform.
 
-    The synthetic dataset is generated under ``data.root`` on first use when ``data.generate`` is set.
+    The synthetic dataset is generated under ``data.root`` on first use when ``data.generate`` is set. Padding is
+    filled with the model's ``pixel_mean`` (0-1 units), so padded pixels normalise to zero as the model's own do.
     """
     if data_cfg.format != "coco":
         raise ValueError(f"data.format {data_cfg.format!r} is not a detection format (expected 'coco')")
@@ -35,10 +36,11 @@ def build_detection_dataset(data_cfg: Any, split: str, image_size: int, train: b
     else:
         image_dir, ann_file = coco_paths(root, split)
     aug = data_cfg.augment
+    fill = {} if pixel_mean is None else {"fill": tuple(round(255 * m) for m in pixel_mean)}
     transform = (
-        build_train_transform(image_size, scale_range=tuple(aug.scale_range), hflip=aug.hflip, color_jitter=aug.color_jitter)
+        build_train_transform(image_size, scale_range=tuple(aug.scale_range), hflip=aug.hflip, color_jitter=aug.color_jitter, **fill)
         if train
-        else build_eval_transform(image_size)
+        else build_eval_transform(image_size, **fill)
     )
     return CocoDetection(image_dir, ann_file, transform=transform, train=train)
 
