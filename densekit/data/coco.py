@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,15 @@ def _column(records: list[dict], key: str, dtype: Any, ann_file: Path, what: str
     raise ValueError(f"annotation file {ann_file}: malformed {key!r} in {what}s")  # pragma: no cover
 
 
+def _lookup(sorted_ids: Sequence[int], query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``query`` ids in the sorted ``sorted_ids`` (vectorised), and a mask of ids not found there."""
+    known = np.asarray(sorted_ids, dtype=np.int64)
+    if len(known) == 0:
+        return np.zeros(len(query), np.int64), np.ones(len(query), bool)
+    index = np.searchsorted(known, query).clip(max=len(known) - 1)
+    return index, known[index] != query
+
+
 class CocoDetection(Dataset):
     """A COCO-format detection dataset returning ``(image, target)`` pairs for :class:`EfficientDet`.
 
@@ -224,17 +233,13 @@ class CocoDetection(Dataset):
             img_ids = cat_ids = np.zeros(0, np.int64)
             xywh, crowd = np.zeros((0, 4)), np.zeros(0, bool)
 
-        sorted_img_ids = np.asarray(self.image_ids, dtype=np.int64)
-        img_index = np.searchsorted(sorted_img_ids, img_ids).clip(max=max(len(sorted_img_ids) - 1, 0))
-        bad = sorted_img_ids[img_index] != img_ids if len(sorted_img_ids) else np.ones(n, bool)
+        img_index, bad = _lookup(self.image_ids, img_ids)
         if bad.any():
             raise ValueError(
                 f"annotation file {self.ann_file}: annotations {ann_ids[bad][:5].tolist()} refer to unknown image "
                 f"ids {np.unique(img_ids[bad])[:5].tolist()}"
             )
-        known_cats = np.asarray(self.cat_ids, dtype=np.int64)
-        label = np.searchsorted(known_cats, cat_ids).clip(max=max(len(known_cats) - 1, 0))
-        bad = known_cats[label] != cat_ids if len(known_cats) else np.ones(n, bool)
+        label, bad = _lookup(self.cat_ids, cat_ids)
         if bad.any():
             raise ValueError(
                 f"annotation file {self.ann_file}: annotations {ann_ids[bad][:5].tolist()} have category ids "
