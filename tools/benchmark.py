@@ -18,11 +18,7 @@ iteration, so that a slow period of a shared machine hits every one of them alik
 from __future__ import annotations
 
 import json
-import math
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +30,7 @@ from torch import nn
 
 import densekit
 from densekit.utils import count_macs, count_parameters, effdet_counterpart, format_count
+from densekit.utils.benchmarking import device_description, stats, synchronizer, time_interleaved
 
 MODES = ("network", "end_to_end")
 
@@ -55,63 +52,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         sys.exit(f"bench.device={name!r}: benchmarking supports cpu, cuda and mps")
     return device
-
-
-def device_description(device: torch.device) -> str:
-    """Human-readable hardware name: the GPU's, or the CPU model and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return f"Apple MPS ({platform.machine()})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # not Linux
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """A function that waits for the device's queued work: timings must include the kernels, not their launch."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
-def stats(times_s: list[float], batch: int) -> dict[str, float]:
-    """mean / median / p90 in milliseconds, and images per second from the mean."""
-    ms = sorted(t * 1000.0 for t in times_s)
-    rank = 0.9 * (len(ms) - 1)  # p90 by linear interpolation between the closest ranks
-    lo, hi = math.floor(rank), math.ceil(rank)
-    mean = statistics.fmean(ms)
-    return {
-        "mean_ms": mean,
-        "median_ms": statistics.median(ms),
-        "p90_ms": ms[lo] + (ms[hi] - ms[lo]) * (rank - lo),
-        "fps": batch * 1000.0 / mean,
-    }
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: int, sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Call every function ``warmup`` times, then ``iters`` times in turn; returns each one's wall times (s)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-        sync()
-    times: dict[str, list[float]] = {key: [] for key in fns}
-    for _ in range(iters):
-        for key, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[key].append(time.perf_counter() - start)
-    return times
 
 
 def effdet_twin(model: nn.Module, size: tuple[int, int]) -> tuple[nn.Module, nn.Module, str]:
