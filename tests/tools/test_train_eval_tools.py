@@ -116,7 +116,7 @@ def test_bad_config_key_and_missing_dataset_give_clear_errors(tmp_path: Path) ->
 
 def test_train_benchmark_times_both_implementations(tmp_path: Path) -> None:
     out = tmp_path / "train_bench.json"
-    cmd = tool("train_benchmark.py", "model=efficientdet_lite0", "bench.image_size=128", "bench.batch_size=1", "bench.iters=1",
+    cmd = tool("train_benchmark.py", "model=efficientdet_lite0", "bench.image_size=128", "bench.batch_size=2", "bench.iters=1",
                "bench.warmup=1", "bench.loader_images=4", "bench.num_workers=[0]", "data.num_train=8", "data.num_val=2",
                f"bench.output={out}", datasets=tmp_path)
     done = subprocess.run(cmd, env=env_for(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
