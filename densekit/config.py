@@ -87,6 +87,52 @@ class EfficientDetConfig:
 
 
 @dataclass
+class SegBackboneConfig(BackboneConfig):
+    """:class:`BackboneConfig` plus the MobileNetV3 options segmentation needs (timm backbones must leave them off)."""
+
+    dilated: bool = False  # MobileNetV3: dilate the last stage instead of striding it (output stride 16)
+    reduced_tail: bool = False  # MobileNetV3: halve the last stage's channels (the paper's "RF2")
+    # Levels whose feature is the output of the stage's *first* (strided) block instead of the stage end.
+    # torchvision's LR-ASPP reads its stride-8 skip there (features[4] of MobileNetV3-Large): [3] to load its weights.
+    stage_start_levels: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SegHeadConfig:
+    type: str = "eseg"  # eseg | lraspp
+    channels: Optional[int] = None  # eseg: conv width (None: the neck's); lraspp: inter_channels (None: 128)
+    repeats: int = 2  # eseg: separable conv + BN + act blocks after the level fusion (lraspp: unused)
+
+
+@dataclass
+class SegLossConfig:
+    # Online hard example mining: average the loss over the hardest pixels only (off by default).
+    ohem: bool = False
+    ohem_thresh: Optional[float] = 0.7  # keep pixels whose true-class probability is below this...
+    ohem_min_kept: int = 100_000  # ...but at least this many of the hardest (per batch); thresh None: exactly these
+
+
+@dataclass
+class SegmenterConfig:
+    name: str = "eseg_s"
+    arch: str = "segmenter"
+    num_classes: int = 19  # Cityscapes trainIds 0-18
+    ignore_index: int = 255
+    image_size: list[int] = field(default_factory=lambda: [1024, 2048])  # (H, W) the model was designed for
+    act: str = "swish"  # BiFPN and ESeg head (LR-ASPP's head is ReLU by definition)
+    tf_padding: bool = False  # BiFPN max-pool padding; no TF-ported segmentation checkpoints exist
+    redundant_bias: bool = False
+    bn_eps: float = 1e-3  # neck and head BatchNorms
+    bn_momentum: float = 0.01
+    pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # for inputs scaled to [0, 1]
+    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    backbone: SegBackboneConfig = field(default_factory=SegBackboneConfig)
+    neck: Optional[NeckConfig] = field(default_factory=lambda: NeckConfig(max_level=9))  # null: head on the backbone
+    head: SegHeadConfig = field(default_factory=SegHeadConfig)
+    loss: SegLossConfig = field(default_factory=SegLossConfig)
+
+
+@dataclass
 class TrainConfig:
     """Training settings (Hydra group ``train``). Defaults follow the official EfficientDet recipe."""
 
@@ -114,7 +160,7 @@ class TrainConfig:
     backbone_weights: Optional[str] = "auto"  # auto | none | <path>: backbone init when no full checkpoint is given
 
 
-SCHEMAS: dict[str, type] = {"efficientdet": EfficientDetConfig}
+SCHEMAS: dict[str, type] = {"efficientdet": EfficientDetConfig, "segmenter": SegmenterConfig}
 
 
 def resolve_model_config(cfg: Any, source: str = "model config") -> DictConfig:

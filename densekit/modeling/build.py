@@ -10,14 +10,18 @@ from torch import nn
 
 from ..config import resolve_model_config
 from .anchors import AnchorGenerator
-from .backbones import create_backbone
+from .backbones import Backbone, FeatureSpec, MobileNetV3Backbone, create_backbone
+from .backbones.torchvision_backbone import TORCHVISION_BACKBONES, _layer_strides
 from .box_coder import BoxCoder
 from .detector import EfficientDet
 from .heads.efficientdet import EfficientDetHead
+from .heads.eseg import ESegHead
+from .heads.lraspp import LRASPPHead
 from .losses import DetectionLoss
 from .matcher import ArgMaxMatcher
 from .necks.bifpn import BiFPN
 from .postprocess import DetectionPostprocessor
+from .segmenter import SegmentationLoss, Segmenter
 
 
 def config_dir() -> Path:
@@ -97,7 +101,84 @@ def build_efficientdet(cfg: DictConfig) -> EfficientDet:
     )
 
 
-_BUILDERS = {"efficientdet": build_efficientdet}
+SEG_HEADS = ("eseg", "lraspp")
+
+
+def _segmentation_backbone(cfg: DictConfig) -> Backbone:
+    """The backbone of a segmenter config: MobileNetV3 options go to torchvision, ``drop_path_rate`` to timm."""
+    b = cfg.backbone
+    common = dict(out_levels=tuple(b.out_levels), weights=b.weights, pretrained=b.pretrained)
+    if b.name in TORCHVISION_BACKBONES:
+        backbone = create_backbone(b.name, dilated=b.dilated, reduced_tail=b.reduced_tail, **common)
+        if b.stage_start_levels:
+            _tap_stage_starts(backbone, list(b.stage_start_levels))
+        return backbone
+    used = [k for k in ("dilated", "reduced_tail", "stage_start_levels") if b[k]]
+    if used:
+        raise ValueError(f"backbone.{used[0]} is a MobileNetV3 option ({', '.join(TORCHVISION_BACKBONES)}), not for {b.name!r}")
+    return create_backbone(b.name, drop_path_rate=b.drop_path_rate, **common)
+
+
+def _tap_stage_starts(backbone: MobileNetV3Backbone, levels: list[int]) -> None:
+    """Read ``levels`` after the first (strided) block of their stage instead of at the stage end.
+
+    torchvision's LR-ASPP takes its stride-8 skip there (``features[4]`` of MobileNetV3-Large, ``features[2]`` of
+    Small), so its checkpoints need it. Weights are unaffected: only which layer's output is returned changes.
+    """
+    # TODO(lead): a MobileNetV3Backbone constructor option would avoid touching its private _indices here.
+    strides = [stride for stride, _ in _layer_strides(backbone.features)]
+    for level in levels:
+        names = [s.name for s in backbone.feature_specs]
+        pos = next((i for i, s in enumerate(backbone.feature_specs) if s.level == level), None)
+        if pos is None:
+            raise ValueError(f"backbone.stage_start_levels: {level} is not one of the backbone's levels {names}")
+        first = strides.index(2**level)
+        channels = backbone.features[first].out_channels
+        backbone._indices[pos] = first
+        backbone.feature_specs[pos] = FeatureSpec(names[pos], 2**level, int(channels))
+
+
+def build_segmenter(cfg: DictConfig) -> Segmenter:
+    """Assemble a :class:`Segmenter` from a resolved config (see :class:`densekit.config.SegmenterConfig`)."""
+    norm = dict(bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
+    if cfg.head.type not in SEG_HEADS:
+        raise ValueError(f"unknown segmentation head type {cfg.head.type!r}; choose one of {', '.join(SEG_HEADS)}")
+    backbone = _segmentation_backbone(cfg)
+    neck = None
+    channels = backbone.out_channels
+    if cfg.neck is not None:
+        lowest = min(s.level for s in backbone.feature_specs)
+        if lowest != cfg.neck.min_level:
+            raise ValueError(f"backbone.out_levels starts at {lowest} but neck.min_level is {cfg.neck.min_level}")
+        neck = BiFPN(
+            backbone.out_channels,
+            min_level=cfg.neck.min_level,
+            max_level=cfg.neck.max_level,
+            channels=cfg.neck.channels,
+            repeats=cfg.neck.repeats,
+            fusion=cfg.neck.fusion,
+            act=cfg.act,
+            tf_padding=cfg.tf_padding,
+            redundant_bias=cfg.redundant_bias,
+            **norm,
+        )
+        channels = [cfg.neck.channels] * (cfg.neck.max_level - cfg.neck.min_level + 1)
+    head: nn.Module
+    if cfg.head.type == "lraspp":
+        if len(channels) < 2:
+            raise ValueError(f"the lraspp head needs a stride-8 and a stride-16 feature; the backbone gives {backbone.feature_specs}")
+        head = LRASPPHead(channels[0], channels[-1], cfg.num_classes, inter_channels=cfg.head.channels or 128, **norm)
+    else:
+        if len(set(channels)) != 1:
+            raise ValueError(f"the eseg head fuses levels of one width; got widths {channels} (add a neck)")
+        head = ESegHead(
+            channels[0], len(channels), cfg.num_classes, cfg.head.channels, cfg.head.repeats, act=cfg.act, **norm
+        )
+    loss = SegmentationLoss(cfg.ignore_index, cfg.loss.ohem, cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept)
+    return Segmenter(backbone, neck, head, loss, cfg.pixel_mean, cfg.pixel_std)
+
+
+_BUILDERS = {"efficientdet": build_efficientdet, "segmenter": build_segmenter}
 
 
 def build_model(cfg: Any) -> nn.Module:
@@ -114,7 +195,7 @@ def create_model(name: str, num_classes: int | None = None, weights: str | os.Pa
     Args:
         name: Model name, e.g. ``"efficientdet_d0"``; :func:`list_models` lists them.
         num_classes: Replace the config's class count (the head is re-initialised).
-        weights: A checkpoint to load: densekit's own, an efficientdet-pytorch state_dict, or (for the backbone
+        weights: A checkpoint to load: densekit's own, an efficientdet-pytorch or torchvision LR-ASPP state_dict, or (for the backbone
             alone, via ``backbone={"weights": ...}``) EfficientNet weights.
         **overrides: Config overrides as nested dicts, e.g. ``neck={"repeats": 1}``, ``image_size=[256, 256]``.
     """

@@ -23,7 +23,7 @@ class DetectionPostprocessor:
         max_detections: Detections kept per image.
         score_threshold: Drop candidates scoring below this (0 keeps everything, like the reference).
         soft_nms: Gaussian soft-NMS instead of hard NMS (the official COCO numbers used it).
-        soft_nms_sigma: Gaussian sigma of soft-NMS.
+        soft_nms_sigma: Gaussian sigma of soft-NMS, in TF's convention: scores decay by ``exp(-iou^2 / (2 sigma))``.
     """
 
     def __init__(
@@ -114,18 +114,15 @@ class DetectionPostprocessor:
             picks.append(best)
             pick_scores.append(best_score)
             best_box = shifted[rows, best]  # [B, 4]
-            iou = _pairwise_iou_rows(best_box, shifted)  # [B, K]
-            live = live * torch.exp(-(iou * iou) / self.soft_nms_sigma)
+            iou = box_iou_batched(best_box[:, None], shifted)[:, 0]  # [B, K]
+            # TF's convention (tf.image.non_max_suppression_with_scores, used by the official EfficientDet):
+            # exp(-iou^2 / (2 sigma)); Bodla et al. and effdet write exp(-iou^2 / sigma).
+            live = live * torch.exp(-(iou * iou) / (2 * self.soft_nms_sigma))
             live[rows, best] = -1.0
         picks_t, scores_t = torch.stack(picks, 1), torch.stack(pick_scores, 1)
         threshold = max(self.score_threshold, 1e-3)  # soft-NMS decays scores towards 0: drop the tail
         keep = scores_t >= threshold
         return [picks_t[b][keep[b]] for b in range(batch)], [scores_t[b][keep[b]] for b in range(batch)]
-
-
-def _pairwise_iou_rows(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of one box per row ``[B, 4]`` against that row's candidates ``[B, K, 4]``."""
-    return box_iou_batched(box[:, None], boxes)[:, 0]
 
 
 def box_iou_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

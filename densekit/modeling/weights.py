@@ -5,6 +5,7 @@ Recognised layouts, detected from the keys:
 * densekit's own checkpoints (``backbone.body.*`` / ``neck.*`` / ``head.*``, bare or under ``"model"``);
 * efficientdet-pytorch (effdet) ``EfficientDet`` state_dicts, TF-ported (``tf_efficientdet_*``) and native, with
   either of its head BatchNorm orders;
+* torchvision ``lraspp_mobilenet_v3_large`` state_dicts (``backbone.<N>.*``, ``classifier.*``);
 * backbone-only checkpoints (timm, efficientnet_pytorch, torchvision MobileNetV3), loaded into ``model.backbone``.
 
 Whatever the layout, loading is all-or-nothing (:func:`~densekit.modeling.checkpoint_io.load_state_dict_checked`).
@@ -60,6 +61,27 @@ def convert_effdet(state_dict: dict[str, torch.Tensor], num_backbone_levels: int
     return out
 
 
+def is_torchvision_lraspp_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith("classifier.cbr.") for k in state_dict) and any(
+        re.match(r"^backbone\.\d+\.", k) for k in state_dict
+    )
+
+
+def convert_torchvision_lraspp(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a torchvision ``LRASPP`` state_dict to densekit's :class:`Segmenter` with an ``LRASPPHead``.
+
+    torchvision wraps ``mobilenet_v3.features`` in an ``IntermediateLayerGetter`` (``backbone.<N>.*``, densekit:
+    ``backbone.features.<N>.*``) and names the head ``classifier`` (densekit: ``head``, same sub-module names).
+    The densekit model must read its stride-8 skip where torchvision does (``backbone.stage_start_levels: [3]``,
+    as in ``conf/model/lraspp_mobilenet_v3_*.yaml``); the tensors cannot tell.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^backbone\.(\d+)\.", r"backbone.features.\1.", key)
+        out[re.sub(r"^classifier\.", "head.", key)] = value
+    return out
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a checkpoint file of any recognised layout into ``model`` (all-or-nothing).
 
@@ -74,6 +96,8 @@ def load_state_dict_any(model: nn.Module, state_dict: dict[str, torch.Tensor], s
     if is_effdet_layout(state_dict):
         state_dict = convert_effdet(state_dict, len(model.backbone.feature_specs))
         load_state_dict_checked(model, state_dict, f"{source} (efficientdet-pytorch layout)")
+    elif is_torchvision_lraspp_layout(state_dict):
+        load_state_dict_checked(model, convert_torchvision_lraspp(state_dict), f"{source} (torchvision LR-ASPP layout)")
     elif any(k.startswith(("backbone.", "neck.", "head.")) for k in state_dict):
         load_state_dict_checked(model, state_dict, source)
     else:

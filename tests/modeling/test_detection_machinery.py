@@ -126,7 +126,7 @@ def test_soft_nms_decays_overlaps_instead_of_dropping() -> None:
     assert len(hard["scores"]) == 2  # the 0.9-IoU duplicate is suppressed
     assert len(soft["scores"]) == 3
     iou = 0.9
-    expected = torch.sigmoid(torch.tensor(2.9)) * torch.exp(torch.tensor(-(iou**2) / 0.5))
+    expected = torch.sigmoid(torch.tensor(2.9)) * torch.exp(torch.tensor(-(iou**2) / (2 * 0.5)))  # TF's Gaussian
     assert soft["scores"][-1] == pytest.approx(expected.item(), rel=1e-4)
     assert torch.all(soft["scores"][:-1] >= soft["scores"][1:])
 
