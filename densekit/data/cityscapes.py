@@ -1,0 +1,219 @@
+"""Cityscapes semantic segmentation in the official layout, with trainIds made by cityscapesscripts.
+
+File pairing is checked when the dataset is built, so a missing or unconverted label fails at startup with its
+path; what needs decoding (sizes, label values) is checked per item, again naming the file.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from cityscapesscripts.helpers.labels import labels as CS_LABELS
+from torch.utils.data import Dataset
+
+from .coco import DATASETS_ENV, datasets_root, read_image
+from .seg_transforms import IGNORE_INDEX, SegTransformOutput, label_to_tensor
+from .transforms import image_to_tensor
+
+__all__ = [
+    "CITYSCAPES_CLASSES",
+    "NUM_CLASSES",
+    "CityscapesSegmentation",
+    "cityscapes_root",
+    "label_id_to_train_id",
+    "read_label",
+]
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIX = "_leftImg8bit.png"
+TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
+LABEL_ID_SUFFIX = "_gtFine_labelIds.png"
+
+# The 19 evaluated classes, by trainId (cityscapesscripts' table is the single source of truth).
+_TRAIN_LABELS = sorted((lb for lb in CS_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId)
+CITYSCAPES_CLASSES: tuple[str, ...] = tuple(lb.name for lb in _TRAIN_LABELS)
+NUM_CLASSES = len(CITYSCAPES_CLASSES)
+
+# Values a labelTrainIds file may hold.
+_VALID_TRAIN_ID = np.zeros(256, dtype=bool)
+_VALID_TRAIN_ID[list(range(NUM_CLASSES)) + [IGNORE_INDEX]] = True
+
+Transform = Callable[[np.ndarray, "np.ndarray | None"], SegTransformOutput]
+
+
+def label_id_to_train_id() -> np.ndarray:
+    """``uint8 [256]`` lookup table labelId -> trainId from cityscapesscripts (unknown ids and -1 -> 255)."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for lb in CS_LABELS:
+        if 0 <= lb.id < 256:
+            lut[lb.id] = lb.trainId if 0 <= lb.trainId < 256 else IGNORE_INDEX
+    return lut
+
+
+def cityscapes_root(root: str | Path | None = None) -> Path:
+    """The Cityscapes folder (``$DENSEKIT_DATASETS/cityscapes`` by default), checked to exist.
+
+    Raises:
+        FileNotFoundError: It does not exist; the message says where the data goes.
+    """
+    root = Path(root) if root is not None else datasets_root() / "cityscapes"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Cityscapes root {root} does not exist. Place Cityscapes there in the official layout described in "
+            f"datasets/README.md (leftImg8bit/, gtFine/ with labelTrainIds made by csCreateTrainIdLabelImgs), or "
+            f"set {DATASETS_ENV} to the folder that contains cityscapes/."
+        )
+    return root
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Decode a single-channel 8-bit label PNG to ``uint8 [H, W]``.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        OSError: It cannot be decoded, or is not a single-channel 8-bit image (e.g. a colour visualisation).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label file {path} does not exist")
+    data = np.fromfile(path, dtype=np.uint8)
+    label = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if label is None:
+        raise OSError(f"cannot decode label file {path} ({data.size} bytes): not a readable image")
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise OSError(
+            f"label file {path} is {label.dtype} with shape {list(label.shape)}; expected a single-channel 8-bit "
+            "id image (not the *_color.png visualisation)"
+        )
+    return label
+
+
+class CityscapesSegmentation(Dataset):
+    """Cityscapes images with their gtFine trainId labels.
+
+    Layout: ``root/leftImg8bit/{split}/<city>/<name>_leftImg8bit.png`` and
+    ``root/gtFine/{split}/<city>/<name>_gtFine_labelTrainIds.png``. Images are sorted by path.
+
+    Items are ``(image, target)``: ``image`` float ``[3, H, W]`` in [0, 1] after the transform, ``target`` a dict
+    with ``sem_seg`` (int64 ``[H, W]`` trainIds 0-18, 255 = ignore; ``None`` for the test split), ``file`` (image
+    path), ``label_file`` (``None`` for test), ``orig_size`` ``(H, W)`` of the stored image and ``size`` ``(h, w)``
+    of the returned image.
+
+    Args:
+        root: The ``cityscapes`` folder; defaults to ``$DENSEKIT_DATASETS/cityscapes``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (no labels are read for test).
+        transform: ``(image uint8 [H, W, 3], label uint8 [H, W] or None) -> (tensor, label tensor or None)``,
+            e.g. :func:`build_seg_train_transform`; ``None`` returns the full-resolution image as-is.
+
+    Raises:
+        FileNotFoundError: Missing root, split folder, images, or a gtFine label of some image.
+        ValueError: Unknown split.
+    """
+
+    def __init__(
+        self, root: str | Path | None = None, split: str = "train", transform: Transform | None = None
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown Cityscapes split {split!r}; expected one of {SPLITS}")
+        self.root = cityscapes_root(root)
+        self.split = split
+        self.transform = transform
+        self.has_labels = split != "test"
+        image_dir = self.root / "leftImg8bit" / split
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"Cityscapes image folder {image_dir} does not exist (see datasets/README.md)")
+        images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        if not images:
+            raise FileNotFoundError(f"no *{IMAGE_SUFFIX} images under {image_dir}/<city>/ (see datasets/README.md)")
+        # Numpy string arrays rather than lists of str: forked DataLoader workers then share the pages.
+        self._images = np.array([str(p) for p in images], dtype=str)
+        self._labels = np.array([str(self._label_path(p)) for p in images], dtype=str) if self.has_labels else None
+        if self._labels is not None:
+            self._check_labels_exist(images)
+
+    def _label_path(self, image: Path, suffix: str = TRAIN_ID_SUFFIX) -> Path:
+        name = image.name[: -len(IMAGE_SUFFIX)]
+        return self.root / "gtFine" / self.split / image.parent.name / f"{name}{suffix}"
+
+    def _check_labels_exist(self, images: list[Path]) -> None:
+        missing = [i for i, p in enumerate(self._labels) if not Path(p).is_file()]
+        if not missing:
+            return
+        first = images[missing[0]]
+        if self._label_path(first, LABEL_ID_SUFFIX).is_file():
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(images)} {self.split} images have no gtFine trainId label, e.g. "
+                f"{self._labels[missing[0]]}, but the labelIds files exist: create the trainId labels with "
+                f"cityscapesscripts: CITYSCAPES_DATASET={self.root} csCreateTrainIdLabelImgs (see datasets/README.md)"
+            )
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(images)} {self.split} images have no gtFine label: {self._labels[missing[0]]} "
+            f"(for image {first}) does not exist"
+        )
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def image_path(self, index: int) -> Path:
+        return Path(str(self._images[index]))
+
+    def label_path(self, index: int) -> Path | None:
+        return None if self._labels is None else Path(str(self._labels[index]))
+
+    def load_label(self, index: int, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """The validated trainId label of an image, ``uint8 [H, W]``.
+
+        Args:
+            index: Dataset index.
+            image_size: ``(H, W)`` the label must have (its image's), checked when given.
+
+        Raises:
+            OSError: Missing or undecodable label file.
+            ValueError: Wrong size, or values other than trainIds 0-18 and 255.
+        """
+        path = self.label_path(index)
+        if path is None:
+            raise ValueError(f"the {self.split} split has no labels")
+        label = read_label(path)
+        if image_size is not None and label.shape != tuple(image_size):
+            raise ValueError(
+                f"label file {path} is {label.shape[0]}x{label.shape[1]} (HxW) but its image {self.image_path(index)} "
+                f"is {image_size[0]}x{image_size[1]}"
+            )
+        bad = ~_VALID_TRAIN_ID[label]
+        if bad.any():
+            values = np.unique(label[bad])
+            hint = ""
+            if values.max() < 34:  # all within the labelId range
+                hint = " (it looks like a labelIds file: trainIds come from csCreateTrainIdLabelImgs)"
+            raise ValueError(
+                f"label file {path} has {int(bad.sum())} pixels with values {values[:10].tolist()} that are not "
+                f"trainIds 0-{NUM_CLASSES - 1} or {IGNORE_INDEX}{hint}"
+            )
+        return label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        path = self.image_path(index)
+        image = read_image(path)  # its errors name the file
+        orig_size = (int(image.shape[0]), int(image.shape[1]))
+        label = self.load_label(index, orig_size) if self.has_labels else None
+        if self.transform is not None:
+            tensor, sem_seg = self.transform(image, label)
+        else:
+            tensor, sem_seg = image_to_tensor(image), None if label is None else label_to_tensor(label)
+        label_file = self.label_path(index)
+        target = {
+            "sem_seg": sem_seg,
+            "file": str(path),
+            "label_file": None if label_file is None else str(label_file),
+            "orig_size": orig_size,
+            "size": (int(tensor.shape[-2]), int(tensor.shape[-1])),
+        }
+        return tensor, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"

@@ -1,0 +1,297 @@
+"""Cityscapes semantic segmentation evaluation: a trainId confusion matrix that reproduces the official IoUs.
+
+:class:`CityscapesEvaluator` scores predictions against the trainId labels (255 ignored). Its class IoUs equal
+those of cityscapesscripts' ``evalPixelLevelSemanticLabeling`` run on the same predictions written as labelId PNGs
+by :func:`write_predictions`: the official confusion matrix over labelIds, restricted to the 19 evaluated classes,
+is this one, and pixels whose ground truth is ignored in evaluation are skipped by both.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from cityscapesscripts.helpers.labels import labels as CS_LABELS
+
+__all__ = [
+    "CITYSCAPES_CLASSES",
+    "CityscapesEvaluator",
+    "colorize",
+    "format_cityscapes_table",
+    "train_id_to_label_id",
+    "write_predictions",
+]
+
+_TRAIN_LABELS = sorted((lb for lb in CS_LABELS if 0 <= lb.trainId < 255), key=lambda lb: lb.trainId)
+CITYSCAPES_CLASSES: tuple[str, ...] = tuple(lb.name for lb in _TRAIN_LABELS)
+
+
+def train_id_to_label_id() -> np.ndarray:
+    """``uint8 [256]`` lookup table trainId -> labelId from cityscapesscripts; anything else -> 0 (unlabeled)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for lb in _TRAIN_LABELS:
+        lut[lb.trainId] = lb.id
+    return lut
+
+
+def _color_lut() -> np.ndarray:
+    lut = np.zeros((256, 3), dtype=np.uint8)  # ignore and unknown ids: black, like 'unlabeled'
+    for lb in _TRAIN_LABELS:
+        lut[lb.trainId] = lb.color
+    return lut
+
+
+_TRAIN_TO_LABEL = train_id_to_label_id()
+_COLORS = _color_lut()
+
+
+def _to_numpy(label_map: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(label_map, torch.Tensor):
+        return label_map.detach().cpu().numpy()
+    return np.asarray(label_map)
+
+
+def colorize(train_id_map: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Official Cityscapes colours of a trainId map.
+
+    Args:
+        train_id_map: ``[H, W]`` integer trainIds (255 and any other id outside 0-18 are drawn black).
+
+    Returns:
+        ``uint8 [H, W, 3]`` RGB.
+    """
+    ids = _to_numpy(train_id_map).astype(np.int64)
+    return _COLORS[np.where((ids >= 0) & (ids < 256), ids, 255)]
+
+
+def _resize_nearest(label_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest resize of an ``[h, w]`` integer map, pixel-centre aligned ("nearest-exact", as the data transforms)."""
+    if tuple(label_map.shape[-2:]) == tuple(size):
+        return label_map
+    # float32 represents every class id exactly; interpolate needs a float batch.
+    out = F.interpolate(label_map[None, None].float(), size=tuple(size), mode="nearest-exact")
+    return out[0, 0].to(label_map.dtype)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_predictions(
+    outputs: Sequence[Mapping[str, torch.Tensor]],
+    targets: Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike[str],
+) -> list[Path]:
+    """Writes predictions as the labelId PNGs that cityscapesscripts' evaluation (and the benchmark server) read.
+
+    Each prediction is upsampled (nearest) to its image's original size, mapped trainId -> labelId with
+    cityscapesscripts' table, and written atomically as ``out_dir/<image file name>`` (e.g.
+    ``frankfurt_000000_000294_leftImg8bit.png``), which ``evalPixelLevelSemanticLabeling`` matches to its ground
+    truth by the ``<city>_<sequence>_<frame>`` prefix.
+
+    Args:
+        outputs: Per image ``{"sem_seg": int [h, w] trainIds}`` (model-input resolution is fine).
+        targets: Per image, ``file`` (the image path) and ``orig_size`` ``(H, W)``.
+        out_dir: Destination folder; created if missing.
+
+    Returns:
+        The written paths.
+
+    Raises:
+        ValueError: Mismatched lengths or a prediction outside trainIds 0-18.
+    """
+    if len(outputs) != len(targets):
+        raise ValueError(f"{len(outputs)} outputs but {len(targets)} targets")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for output, target in zip(outputs, targets):
+        pred = output["sem_seg"].detach().cpu()
+        if pred.numel() and (pred.min() < 0 or pred.max() >= len(_TRAIN_LABELS)):
+            raise ValueError(
+                f"prediction for {target['file']} has values {pred.min().item()}..{pred.max().item()}; "
+                f"expected trainIds 0-{len(_TRAIN_LABELS) - 1}"
+            )
+        size = tuple(int(v) for v in target["orig_size"])
+        label_ids = _TRAIN_TO_LABEL[_resize_nearest(pred, size).numpy().astype(np.intp)]
+        ok, encoded = cv2.imencode(".png", label_ids)
+        if not ok:  # pragma: no cover
+            raise OSError(f"could not encode the prediction for {target['file']}")
+        path = out_dir / Path(str(target["file"])).name
+        _atomic_write(path, encoded.tobytes())
+        paths.append(path)
+    return paths
+
+
+class CityscapesEvaluator:
+    """Accumulates a trainId confusion matrix (rows: ground truth, columns: prediction) over an evaluation loop.
+
+    Predictions at a lower resolution than their label (e.g. a resized model input) are upsampled to it with
+    nearest-neighbour interpolation first. Targets holding a ``file`` are counted once per file: seeing a file
+    again (e.g. the duplicates ``DistributedSampler`` pads the last batch with) replaces its counts.
+
+    Args:
+        num_classes: Number of trainIds scored (19 for Cityscapes).
+        ignore_index: Label value skipped.
+        class_names: Name per trainId; cityscapesscripts' names by default (required if ``num_classes != 19``).
+    """
+
+    def __init__(
+        self, num_classes: int = 19, ignore_index: int = 255, class_names: Sequence[str] | None = None
+    ) -> None:
+        if class_names is None:
+            if num_classes != len(CITYSCAPES_CLASSES):
+                raise ValueError(f"give class_names for num_classes={num_classes} (Cityscapes has 19)")
+            class_names = CITYSCAPES_CLASSES
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets everything accumulated."""
+        self._per_file: dict[str, torch.Tensor] = {}
+        self._unnamed = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        self._total: torch.Tensor | None = None  # the all-rank sum, set by synchronize()
+
+    def confusion(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """``int64 [C, C]`` confusion matrix of one ``[h, w]`` prediction against an ``[H, W]`` label."""
+        c = self.num_classes
+        # On the prediction's device: upsampling and counting full-resolution maps is cheap there on a GPU.
+        pred = _resize_nearest(pred.detach().long(), tuple(gt.shape[-2:]))
+        gt = gt.detach().to(pred.device, torch.int64)
+        valid = gt != self.ignore_index
+        gt, pred = gt[valid], pred[valid]
+        if gt.numel() and (gt.min() < 0 or gt.max() >= c):
+            raise ValueError(
+                f"label values must be in [0, {c}) or {self.ignore_index}, got {gt.unique()[:10].tolist()}"
+            )
+        if pred.numel() and (pred.min() < 0 or pred.max() >= c):
+            raise ValueError(f"predictions must be in [0, {c}), got {pred.unique()[:10].tolist()}")
+        return torch.bincount(gt * c + pred, minlength=c * c).reshape(c, c).cpu()
+
+    def update(self, outputs: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, Any]]) -> None:
+        """Adds a batch: ``outputs[i]["sem_seg"]`` (trainIds ``[h, w]``) against ``targets[i]["sem_seg"]``."""
+        if len(outputs) != len(targets):
+            raise ValueError(f"{len(outputs)} outputs but {len(targets)} targets")
+        for output, target in zip(outputs, targets):
+            if target.get("sem_seg") is None:
+                raise ValueError(f"target of {target.get('file', 'an image')} has no sem_seg (test split?)")
+            conf = self.confusion(output["sem_seg"], target["sem_seg"])
+            if target.get("file") is not None:
+                self._per_file[str(target["file"])] = conf
+            else:
+                self._unnamed += conf
+        self._total = None
+
+    def _local_sum(self, skip: Collection[str] = ()) -> torch.Tensor:
+        total = self._unnamed.clone()
+        for name, conf in self._per_file.items():
+            if name not in skip:
+                total += conf
+        return total
+
+    def synchronize(self) -> None:
+        """Sums the confusion matrices of all ranks (``all_reduce``); without torch.distributed, the local sum.
+
+        Collective: every rank must call it. Files seen by several ranks are counted once (on the lowest rank),
+        found by gathering only the file names.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            self._total = self._local_sum()
+            return
+        names: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(names, sorted(self._per_file))
+        rank = dist.get_rank()
+        earlier = set().union(*(set(n) for n in names[:rank]))
+        # NCCL only reduces CUDA tensors.
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        total = self._local_sum(skip=earlier).to(device)
+        dist.all_reduce(total)
+        self._total = total.cpu()
+
+    @property
+    def confusion_matrix(self) -> torch.Tensor:
+        """``int64 [C, C]``: the synchronised sum if :meth:`synchronize` ran since the last update, else the local."""
+        return self._total.clone() if self._total is not None else self._local_sum()
+
+    def evaluate(self) -> dict[str, Any]:
+        """IoU per class, their mean and pixel accuracy.
+
+        Under torch.distributed this synchronises first (collective) if needed; every rank returns the same.
+
+        Returns:
+            ``{"mIoU", "per_class_iou": {name: IoU}, "pixel_acc"}``. As in cityscapesscripts, a class that is
+            neither in the ground truth nor predicted has IoU NaN and is left out of the mean (NaN if all are).
+        """
+        if self._total is None and dist.is_available() and dist.is_initialized():
+            self.synchronize()
+        conf = self.confusion_matrix.to(torch.float64)
+        tp = conf.diagonal()
+        denom = conf.sum(0) + conf.sum(1) - tp  # tp + fp + fn
+        ious = [float(t) / float(d) if d > 0 else math.nan for t, d in zip(tp.tolist(), denom.tolist())]
+        valid = [v for v in ious if not math.isnan(v)]
+        total = float(conf.sum())
+        return {
+            # A plain left-to-right sum, the order cityscapesscripts averages in, so the means agree bit for bit.
+            "mIoU": sum(valid) / len(valid) if valid else math.nan,
+            "per_class_iou": dict(zip(self.class_names, ious)),
+            "pixel_acc": float(tp.sum()) / total if total > 0 else math.nan,
+        }
+
+    def write_predictions(
+        self,
+        outputs: Sequence[Mapping[str, torch.Tensor]],
+        targets: Sequence[Mapping[str, Any]],
+        out_dir: str | os.PathLike[str],
+    ) -> list[Path]:
+        """:func:`write_predictions` (labelId PNGs for cityscapesscripts / the benchmark server)."""
+        return write_predictions(outputs, targets, out_dir)
+
+
+def _fmt(value: float) -> str:
+    return "  n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def format_cityscapes_table(metrics: Mapping[str, Any], width: int = 80) -> str:
+    """Renders :meth:`CityscapesEvaluator.evaluate` output: the summary, then per-class IoU in columns.
+
+    Args:
+        metrics: ``mIoU``, ``pixel_acc`` and optionally ``per_class_iou``.
+        width: Target line width.
+
+    Returns:
+        The table text, without a trailing newline; ``n/a`` marks NaN (class absent and never predicted).
+    """
+    lines = [f"mIoU {_fmt(float(metrics['mIoU']))}   pixel acc {_fmt(float(metrics['pixel_acc']))}"]
+    per_class = metrics.get("per_class_iou") or {}
+    if per_class:
+        name_w = min(14, max(len(n) for n in per_class))
+        cell_w = name_w + 1 + 5
+        ncols = max(1, (width + 3) // (cell_w + 3))
+        nrows = -(-len(per_class) // ncols)
+        cells = [f"{n[:name_w]:<{name_w}} {_fmt(float(v))}" for n, v in per_class.items()]
+        lines += ["", "Per-class IoU"]
+        for r in range(nrows):  # column-major: classes read top to bottom in trainId order
+            lines.append("   ".join(cells[c * nrows + r] for c in range(ncols) if c * nrows + r < len(cells)))
+    return "\n".join(lines)
