@@ -1,5 +1,7 @@
 """Evaluate a detector: ``python tools/eval.py model=efficientdet_d0 data=coco data.split=val weights=...``.
 
+Segmentation: ``model=eseg_lite_s data=cityscapes weights=...`` prints mIoU and per-class IoU (``data.eval_scales``,
+``data.eval_flip``; ``data.split=test`` or ``data.write_predictions=true`` writes labelId PNGs).
 ``data.split=test-dev`` (no annotations) writes ``detections_test-dev2017_<model>_results.json`` and its zip for the
 COCO evaluation server. ``eval.visualize=N`` saves N images with predictions drawn. Outputs go to the run directory.
 """
@@ -13,11 +15,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from densekit.config import register_configs
-from densekit.data.build import build_detection_dataset, input_size, label_map_for_model
-from densekit.data.loader import build_detection_loader
+from densekit.data.build import label_map_for_model
+from densekit.data.loader import build_loader
 from densekit.engine import distributed as dist_utils
 from densekit.engine.checkpoint import load_checkpoint
-from densekit.engine.evaluate import evaluate_detector
+from densekit.engine.tasks import build_dataset, check_model_fits_task, make_evaluate, num_classes_of
 from densekit.engine.trainer import atomic_save_json
 from densekit.modeling.build import build_model
 from densekit.modeling.checkpoint_io import read_state_dict
@@ -39,8 +41,8 @@ def read_eval_weights(path: str, prefer_ema: bool) -> tuple[dict, str, int | Non
 def evaluate(cfg: DictConfig) -> dict:
     _, world_size, device = dist_utils.init_distributed()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    size = input_size(cfg.data, cfg.model)
-    dataset = build_detection_dataset(cfg.data, cfg.data.split, size, train=False, pixel_mean=cfg.model.pixel_mean)
+    task = check_model_fits_task(cfg)
+    dataset = build_dataset(cfg, cfg.data.split, train=False)
     model_cfg = cfg.model
     if cfg.weights:
         state_dict, what, recorded_classes = read_eval_weights(cfg.weights, cfg.eval.ema)
@@ -49,20 +51,20 @@ def evaluate(cfg: DictConfig) -> dict:
     elif not cfg.eval.allow_random_weights:
         raise ValueError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
     model = build_model(model_cfg)  # num_classes: the run's, the config's, or 90 for the public COCO checkpoints
-    label_map_for_model(dataset, model.num_classes)  # refuse a class-count mismatch before any work
+    if task == "detection":
+        label_map_for_model(dataset, model.num_classes)  # refuse a class-count mismatch before any work
+    elif model.num_classes != num_classes_of(dataset):
+        raise ValueError(f"model has {model.num_classes} classes, {cfg.data.name} has {num_classes_of(dataset)}")
     if cfg.weights:
         load_state_dict_any(model, state_dict, what)
     else:
         what = "random weights"
     model.to(device)
-    loader = build_detection_loader(dataset, cfg.eval.batch_size, train=False, num_workers=cfg.eval.num_workers, distributed=world_size > 1)
-    log.info("evaluating %s (%s) on %s at %d px", cfg.model.name, what, dataset, size)
-    metrics = evaluate_detector(
-        model, dataset, loader, device, out_dir, cfg.data.split, cfg.model.name,
-        score_threshold=cfg.eval.score_threshold, visualize=cfg.eval.visualize,
-    )
+    loader = build_loader(dataset, cfg.eval.batch_size, train=False, num_workers=cfg.eval.num_workers, distributed=world_size > 1)
+    log.info("evaluating %s (%s) on %s", cfg.model.name, what, dataset)
+    metrics = make_evaluate(cfg, dataset, loader, device, out_dir)(model)
     if dist_utils.is_main_process():
-        record = {"model": cfg.model.name, "weights": cfg.weights, "split": cfg.data.split, "input_size": size, **metrics}
+        record = {"model": cfg.model.name, "weights": cfg.weights, "data": cfg.data.name, "split": cfg.data.split, **metrics}
         atomic_save_json(record, out_dir / "metrics.json")
         OmegaConf.save(cfg, out_dir / "config.yaml")
         print(f"results in {out_dir}")

@@ -1,7 +1,7 @@
 """Train a model: ``python tools/train.py [model=...] [data=...] [train.key=value ...]``.
 
 With no arguments: EfficientDet-Lite0 (ImageNet backbone from the installed weights package) on the embedded
-synthetic COCO-format dataset, then COCO evaluation. Distributed: ``torchrun --nproc_per_node=N tools/train.py``.
+synthetic COCO-format dataset, then COCO evaluation. Segmentation: ``model=eseg_lite_s data=cityscapes``. Distributed: ``torchrun --nproc_per_node=N tools/train.py``.
 An interrupted run resumes when started again with the same ``hydra.run.dir``.
 """
 from __future__ import annotations
@@ -16,10 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from densekit.config import register_configs
-from densekit.data.build import build_detection_dataset, input_size
-from densekit.data.loader import build_detection_loader
+from densekit.data.loader import build_loader
 from densekit.engine import distributed as dist_utils
-from densekit.engine.evaluate import evaluate_detector
+from densekit.engine.tasks import build_dataset, check_model_fits_task, headline, make_evaluate, num_classes_of
 from densekit.engine.trainer import TrainConfig, Trainer
 from densekit.modeling.backbones.packaged_weights import packaged_weights
 from densekit.modeling.build import build_model
@@ -46,11 +45,10 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg.train))
     torch.manual_seed(train_cfg.seed)
-    size = input_size(cfg.data, cfg.model)
-
-    train_set = build_detection_dataset(cfg.data, cfg.data.train_split, size, train=True, pixel_mean=cfg.model.pixel_mean)
-    val_set = build_detection_dataset(cfg.data, cfg.data.split, size, train=False, pixel_mean=cfg.model.pixel_mean)
-    model_cfg = OmegaConf.merge(cfg.model, {"num_classes": train_set.num_classes})
+    check_model_fits_task(cfg)
+    train_set = build_dataset(cfg, cfg.data.train_split, train=True)
+    val_set = build_dataset(cfg, cfg.data.split, train=False)
+    model_cfg = OmegaConf.merge(cfg.model, {"num_classes": num_classes_of(train_set)})
     model = build_model(model_cfg)
     if cfg.weights:
         load_weights(model, cfg.weights)
@@ -61,21 +59,16 @@ def train(cfg: DictConfig) -> dict:
         init = "model.backbone config"
 
     distributed = world_size > 1
-    loader = build_detection_loader(train_set, train_cfg.batch_size, train=True, num_workers=train_cfg.num_workers, distributed=distributed, seed=train_cfg.seed)
-    val_loader = build_detection_loader(val_set, cfg.eval.batch_size, train=False, num_workers=train_cfg.num_workers, distributed=distributed)
+    loader = build_loader(train_set, train_cfg.batch_size, train=True, num_workers=train_cfg.num_workers, distributed=distributed, seed=train_cfg.seed)
+    val_loader = build_loader(val_set, cfg.eval.batch_size, train=False, num_workers=train_cfg.num_workers, distributed=distributed)
 
-    def evaluate(eval_model: torch.nn.Module) -> dict:
-        return evaluate_detector(
-            eval_model, val_set, val_loader, device, out_dir, cfg.data.split, cfg.model.name,
-            score_threshold=cfg.eval.score_threshold, visualize=cfg.eval.visualize,
-        )
-
+    evaluate = make_evaluate(cfg, val_set, val_loader, device, out_dir)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config["model"] = OmegaConf.to_container(model.config, resolve=True)  # with the dataset's class count
     trainer = Trainer(model, loader, train_cfg, out_dir, device, evaluate, config_to_save=run_config)
     if dist_utils.is_main_process():
-        log.info("train: %s | val: %s | model %s (%d classes) at %d px | backbone init: %s | %d steps on %d process(es), device %s",
-                 train_set, val_set, cfg.model.name, train_set.num_classes, size, init, trainer.total_steps, world_size, device)
+        log.info("train: %s | val: %s | model %s (%d classes) | backbone init: %s | %d steps on %d process(es), device %s",
+                 train_set, val_set, cfg.model.name, model.num_classes, init, trainer.total_steps, world_size, device)
     start = time.perf_counter()
     metrics = trainer.train()
     if dist_utils.is_main_process():
@@ -83,9 +76,8 @@ def train(cfg: DictConfig) -> dict:
         images = trainer.total_steps * train_cfg.batch_size * world_size
         print(
             f"\n{cfg.model.name} on {cfg.data.name}: {trainer.total_steps} steps, {images} images in {minutes:.1f} min\n"
-            f"AP {metrics.get('AP', float('nan')):.3f}  AP50 {metrics.get('AP50', float('nan')):.3f}  "
-            f"AP75 {metrics.get('AP75', float('nan')):.3f}  (EMA weights: {train_cfg.ema_decay > 0})\n"
-            f"run directory: {out_dir}  (checkpoints/, metrics.json, tensorboard/, detections_{cfg.data.split}.json)"
+            f"{headline(metrics)}  (EMA weights: {train_cfg.ema_decay > 0})\n"
+            f"run directory: {out_dir}  (checkpoints/, metrics.json, tensorboard/, train.log)"
         )
     dist_utils.cleanup_distributed()
     return metrics

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import densekit  # noqa: F401  (registers the config schemas)
 from densekit.data.build import build_detection_dataset
-from densekit.data.loader import build_detection_loader
+from densekit.data.loader import build_loader
 from densekit.modeling.build import build_model
 from densekit.utils import effdet_counterpart
 from densekit.utils.benchmarking import device_description, stats, time_interleaved
@@ -76,7 +76,7 @@ def time_loader(cfg: DictConfig, size: int) -> dict[str, float]:
     dataset = build_detection_dataset(data_cfg, data_cfg.train_split, size, train=True)
     out = {}
     for workers in cfg.bench.num_workers:
-        loader = build_detection_loader(dataset, cfg.bench.batch_size, train=True, num_workers=workers)
+        loader = build_loader(dataset, cfg.bench.batch_size, train=True, num_workers=workers)
         it, seen = iter(loader), 0
         next(it)  # worker start-up is not throughput
         start = time.perf_counter()

@@ -4,9 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .cityscapes import CityscapesSegmentation
 from .coco import CocoDetection, coco_paths
+from .seg_transforms import build_seg_eval_transform, build_seg_train_transform
 from .synthetic import ensure_synthetic_coco, synthetic_coco_paths
+from .synthetic_cityscapes import ensure_synthetic_cityscapes
 from .transforms import build_eval_transform, build_train_transform
+
+TASKS = {"coco": "detection", "cityscapes": "segmentation"}
+
+
+def task_of(data_cfg: Any) -> str:
+    """``detection`` or ``segmentation``, from ``data.format``."""
+    if data_cfg.format not in TASKS:
+        raise ValueError(f"data.format {data_cfg.format!r} is unknown; expected one of {sorted(TASKS)}")
+    return TASKS[data_cfg.format]
 
 COCO_ID_HEAD = 90  # the public EfficientDet checkpoints predict COCO category ids 1-90 as labels 0-89
 
@@ -59,3 +71,25 @@ def label_map_for_model(dataset: CocoDetection, num_classes: int) -> list[int]:
         f"the model has {num_classes} classes but {dataset.ann_file} has {dataset.num_classes} categories "
         f"(ids {dataset.label_to_cat_id[:10]}...); train with model.num_classes={dataset.num_classes}"
     )
+
+
+def build_segmentation_dataset(data_cfg: Any, split: str, train: bool, pixel_mean: Any = None) -> CityscapesSegmentation:
+    """A Cityscapes-layout dataset for ``split``: random scale / crop / flip in training, full resolution in eval.
+
+    The synthetic Cityscapes is generated under ``data.root`` on first use when ``data.generate`` is set.
+    """
+    if data_cfg.get("generate", False):
+        ensure_synthetic_cityscapes(
+            data_cfg.root, num_train=data_cfg.num_train, num_val=data_cfg.num_val, size=tuple(data_cfg.synthetic_size)
+        )
+    if train:
+        aug = data_cfg.augment
+        fill = {} if pixel_mean is None else {"fill": tuple(round(255 * m) for m in pixel_mean)}
+        transform = build_seg_train_transform(
+            crop_size=tuple(data_cfg.crop_size), scale_range=tuple(aug.scale_range), hflip=aug.hflip,
+            color_jitter=aug.color_jitter, **fill,
+        )
+    else:
+        size = data_cfg.get("eval_size")
+        transform = build_seg_eval_transform(tuple(size) if size else None)
+    return CityscapesSegmentation(data_cfg.root, split, transform=transform)

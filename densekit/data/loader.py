@@ -1,4 +1,4 @@
-"""DataLoader construction for detection: batching, (distributed) sampling and reproducible per-worker seeding."""
+"""DataLoader construction for every task: batching, (distributed) sampling and reproducible per-worker seeding."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 
-def collate_detection(
+def collate_batch(
     batch: Sequence[tuple[torch.Tensor, dict[str, Any]]],
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Stack ``(image, target)`` pairs into ``images [B, 3, H, W]`` and a list of targets.
@@ -67,7 +67,7 @@ def _worker_init(worker_id: int, rank: int = 0) -> None:
         seed_transforms(info.dataset, seed)
 
 
-def build_detection_loader(
+def build_loader(
     dataset: Dataset,
     batch_size: int,
     train: bool,
@@ -112,7 +112,7 @@ def build_detection_loader(
         shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_detection,
+        collate_fn=collate_batch,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,

@@ -1,16 +1,21 @@
-"""Detection evaluation as the tools run it: inference, COCO metrics or a test-dev submission, pictures."""
+"""Evaluation as the tools run it: detection (COCO metrics or a test-dev submission) and segmentation (Cityscapes
+mIoU, labelId PNGs), with pictures."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..data.build import label_map_for_model
 from ..data.coco import read_image
+from ..evaluation.cityscapes import CityscapesEvaluator, colorize, format_cityscapes_table, write_predictions
 from ..evaluation.coco import CocoEvaluator, format_coco_table, write_results_json, write_test_dev_submission
 from ..utils.visualize import draw_detections, save_image
 from . import distributed as dist_utils
@@ -88,3 +93,80 @@ def save_visualizations(model: nn.Module, dataset: Any, count: int, out_dir: Pat
         save_image(out_dir / f"{int(target['image_id'])}.jpg", drawn)
     model.train(was_training)
     log.info("saved %d pictures with predictions to %s", min(count, len(dataset)), out_dir)
+
+
+@torch.inference_mode()
+def predict_segmentation(model: nn.Module, images: torch.Tensor, scales: tuple[float, ...] = (1.0,), flip: bool = False) -> list[torch.Tensor]:
+    """Argmax trainId maps ``[H, W]`` per image; with several scales and/or flip, softmax scores are averaged."""
+    if tuple(scales) == (1.0,) and not flip:
+        return [o["sem_seg"] for o in model(images)]
+    h, w = images.shape[-2:]
+    total = 0.0
+    for scale in scales:
+        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            logits = model.forward_raw(x.flip(-1) if flipped else x)
+            logits = logits.flip(-1) if flipped else logits
+            total = total + F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+    return list(total.argmax(1))
+
+
+def evaluate_segmenter(
+    model: nn.Module,
+    dataset: Any,
+    loader: Any,
+    device: torch.device,
+    output_dir: str | Path,
+    split: str,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+    write_pngs: bool = False,
+    visualize: int = 0,
+) -> dict[str, Any]:
+    """Cityscapes evaluation (collective under torch.distributed): mIoU over the 19 classes and per-class IoU.
+
+    For a split without labels (test) only labelId PNGs are written (``<output_dir>/pred_<split>/``, the format of
+    cityscapesscripts' evaluation and the benchmark server); with ``write_pngs`` they are written for any split.
+    """
+    output_dir = Path(output_dir)
+    evaluator = CityscapesEvaluator(model.num_classes, model.ignore_index)
+    pred_dir = output_dir / f"pred_{split}"
+    was_training = model.training
+    model.eval()
+    for images, targets in tqdm(loader, desc=f"eval {split}", dynamic_ncols=True, leave=False):
+        preds = predict_segmentation(model, images.to(device), tuple(scales), flip)
+        outputs = [{"sem_seg": p[: t["size"][0], : t["size"][1]]} for p, t in zip(preds, targets)]
+        if dataset.has_labels:
+            evaluator.update(outputs, targets)
+        if write_pngs or not dataset.has_labels:
+            write_predictions(outputs, targets, pred_dir)
+    model.train(was_training)
+    metrics: dict[str, Any] = {}
+    if dataset.has_labels:
+        evaluator.synchronize()
+        metrics = evaluator.evaluate()
+    if dist_utils.is_main_process():
+        if metrics:
+            print(format_cityscapes_table(metrics))
+        if write_pngs or not dataset.has_labels:
+            print(f"labelId predictions in {pred_dir}")
+        if visualize:
+            save_segmentation_pictures(model, dataset, visualize, output_dir / "vis", device)
+    return metrics
+
+
+@torch.inference_mode()
+def save_segmentation_pictures(model: nn.Module, dataset: Any, count: int, out_dir: Path, device: torch.device) -> None:
+    """Image | colour-coded prediction | colour-coded ground truth (when there is one), side by side."""
+    was_training = model.training
+    model.eval()
+    for index in range(min(count, len(dataset))):
+        image, target = dataset[index]
+        pred = model(image[None].to(device))[0]["sem_seg"].cpu()
+        rgb = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        panels = [rgb, colorize(pred)]
+        if target.get("sem_seg") is not None:
+            panels.append(colorize(target["sem_seg"]))
+        save_image(out_dir / f"{Path(target['file']).stem}.jpg", cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR))
+    model.train(was_training)
+    log.info("saved %d segmentation pictures to %s", min(count, len(dataset)), out_dir)

@@ -12,11 +12,11 @@ import torch
 
 from densekit.data import (
     CocoDetection,
-    build_detection_loader,
+    build_loader,
     build_eval_transform,
     build_train_transform,
     coco_paths,
-    collate_detection,
+    collate_batch,
 )
 
 W, H = 64, 48
@@ -107,7 +107,7 @@ def test_eval_drops_crowd_and_keeps_images_without_boxes(coco):
 
 def test_eval_loader_batches_and_scale(coco):
     ds = CocoDetection(*coco, transform=build_eval_transform(128), train=False)
-    loader = build_detection_loader(ds, batch_size=3, train=False, num_workers=0)
+    loader = build_loader(ds, batch_size=3, train=False, num_workers=0)
     images, targets = next(iter(loader))
     assert images.shape == (3, 3, 128, 128)
     t = targets[0]
@@ -120,7 +120,7 @@ def test_train_loader_runs_and_is_reproducible(coco):
     ds = CocoDetection(*coco, transform=build_train_transform(64), train=True)
 
     def first_batch():
-        loader = build_detection_loader(ds, batch_size=2, train=True, num_workers=0, seed=3)
+        loader = build_loader(ds, batch_size=2, train=True, num_workers=0, seed=3)
         return next(iter(loader))
 
     (images_a, targets_a), (images_b, targets_b) = first_batch(), first_batch()
@@ -138,7 +138,7 @@ def test_workers_get_different_but_reproducible_augmentations(coco):
     ds = CocoDetection(*coco, transform=build_train_transform(64), train=True)
 
     def scales() -> list[float]:
-        loader = build_detection_loader(ds, batch_size=1, train=False, num_workers=2, seed=0)
+        loader = build_loader(ds, batch_size=1, train=False, num_workers=2, seed=0)
         return [targets[0]["scale"] for _, targets in loader]
 
     first = scales()
@@ -149,13 +149,13 @@ def test_workers_get_different_but_reproducible_augmentations(coco):
 def test_loader_refuses_to_yield_nothing(coco):
     ds = CocoDetection(*coco, train=True)
     with pytest.raises(ValueError, match="yields no batches"):
-        build_detection_loader(ds, batch_size=4, train=True, num_workers=0)
-    assert len(build_detection_loader(ds, batch_size=4, train=True, num_workers=0, drop_last=False)) == 1
+        build_loader(ds, batch_size=4, train=True, num_workers=0)
+    assert len(build_loader(ds, batch_size=4, train=True, num_workers=0, drop_last=False)) == 1
 
 
 def test_collate_pads_different_sizes():
     batch = [(torch.ones(3, 4, 6), {"image_id": 1}), (torch.ones(3, 5, 2), {"image_id": 2})]
-    images, targets = collate_detection(batch)
+    images, targets = collate_batch(batch)
     assert images.shape == (2, 3, 5, 6) and [t["image_id"] for t in targets] == [1, 2]
     assert images[0, :, 4:].abs().sum() == 0 and images[1, :, :, 2:].abs().sum() == 0
     assert images[0, :, :4, :].min() == 1 and images[1, :, :, :2].min() == 1
@@ -165,7 +165,7 @@ def test_missing_image_names_file(coco):
     image_dir, ann_file = coco
     (image_dir / "b.png").unlink()
     ds = CocoDetection(image_dir, ann_file, train=False)
-    loader = build_detection_loader(ds, batch_size=3, train=False, num_workers=0)
+    loader = build_loader(ds, batch_size=3, train=False, num_workers=0)
     with pytest.raises(FileNotFoundError, match=r"b\.png.*image id 7"):
         next(iter(loader))
 
@@ -174,7 +174,7 @@ def test_corrupt_image_error_survives_worker(coco):
     image_dir, ann_file = coco
     (image_dir / "c.png").write_bytes(b"definitely not a png")
     ds = CocoDetection(image_dir, ann_file, transform=build_eval_transform(64), train=False)
-    loader = build_detection_loader(ds, batch_size=1, train=False, num_workers=1)
+    loader = build_loader(ds, batch_size=1, train=False, num_workers=1)
     with pytest.raises(OSError, match=r"cannot decode image file .*c\.png"):
         for _ in loader:
             pass

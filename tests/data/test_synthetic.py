@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 
 from densekit.data import (
     CocoDetection,
-    build_detection_loader,
+    build_loader,
     build_train_transform,
     ensure_synthetic_coco,
     synthetic_coco_paths,
@@ -97,7 +97,7 @@ def test_idempotent_and_repairs(synthetic_root, tmp_path):
 def test_trainable_through_loader(synthetic_root):
     ds = CocoDetection(*synthetic_coco_paths(synthetic_root, "train"), transform=build_train_transform(128))
     assert ds.label_to_cat_id == [3, 7, 12, 25, 40]
-    loader = build_detection_loader(ds, batch_size=4, train=True, num_workers=0)
+    loader = build_loader(ds, batch_size=4, train=True, num_workers=0)
     assert len(loader) == 2  # 10 images, last incomplete batch dropped
     for images, targets in loader:
         assert images.shape == (4, 3, 128, 128)
