@@ -23,7 +23,7 @@ import densekit  # noqa: E402
 from densekit.utils import EFFDET_PARAMS, PAPER, count_macs, count_parameters, effdet_counterpart  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = densekit.list_models()
+MODELS = densekit.list_models(arch="efficientdet")
 
 
 @functools.lru_cache(maxsize=None)

@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="model names (default: every conf/model entry)")
     args = parser.parse_args()
-    print("\n".join(rows(args.models or densekit.list_models())))
+    print("\n".join(rows(args.models or densekit.list_models(arch="efficientdet"))))
 
 
 if __name__ == "__main__":

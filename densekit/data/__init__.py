@@ -1,6 +1,6 @@
 """Detection data: COCO-format datasets, augmentation, loaders and a synthetic shapes dataset."""
 from .coco import CROWD_LABEL, CocoDetection, coco_paths, datasets_root, read_image
-from .loader import build_detection_loader, collate_detection, seed_transforms
+from .loader import build_loader, collate_batch, seed_transforms
 from .synthetic import ensure_synthetic_coco, synthetic_coco_paths
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform, image_to_tensor
 
@@ -8,11 +8,11 @@ __all__ = [
     "CROWD_LABEL",
     "CocoDetection",
     "DetectionTransform",
-    "build_detection_loader",
+    "build_loader",
     "build_eval_transform",
     "build_train_transform",
     "coco_paths",
-    "collate_detection",
+    "collate_batch",
     "datasets_root",
     "ensure_synthetic_coco",
     "image_to_tensor",

@@ -2,7 +2,7 @@
 
 Both are albumentations pipelines split in two stages: a resize, whose output size gives the exact ``scale``
 (input pixels per original pixel) the evaluator divides predictions by, and the rest (flip, colour, crop, pad).
-All random draws of one transform come from a single generator that :func:`build_detection_loader` seeds per
+All random draws of one transform come from a single generator that :func:`build_loader` seeds per
 worker, so augmentations differ between workers but repeat from run to run.
 """
 from __future__ import annotations

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..config import resolve_model_config
 from .anchors import AnchorGenerator
-from .backbones import Backbone, FeatureSpec, MobileNetV3Backbone, create_backbone
-from .backbones.torchvision_backbone import TORCHVISION_BACKBONES, _layer_strides
+from .backbones import Backbone, create_backbone
+from .backbones.torchvision_backbone import TORCHVISION_BACKBONES
 from .box_coder import BoxCoder
 from .detector import EfficientDet
 from .heads.efficientdet import EfficientDetHead
@@ -32,9 +32,18 @@ def config_dir() -> Path:
     return path
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model` (the files in ``conf/model``)."""
-    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml") if not p.stem.startswith("_"))
+def list_models(arch: str | None = None) -> list[str]:
+    """Names accepted by :func:`create_model` (the files in ``conf/model``).
+
+    Args:
+        arch: Only models of this architecture (``"efficientdet"``, ``"segmenter"``); ``None`` lists all.
+    """
+    model_dir = config_dir() / "model"
+    names = sorted(p.stem for p in model_dir.glob("*.yaml") if not p.stem.startswith("_"))
+    if arch is None:
+        return names
+    # A model's arch is in its YAML (the schema's default is efficientdet); reading the files costs milliseconds.
+    return [n for n in names if OmegaConf.load(model_dir / f"{n}.yaml").get("arch", "efficientdet") == arch]
 
 
 def load_model_config(name: str, **overrides: Any) -> DictConfig:
@@ -109,33 +118,14 @@ def _segmentation_backbone(cfg: DictConfig) -> Backbone:
     b = cfg.backbone
     common = dict(out_levels=tuple(b.out_levels), weights=b.weights, pretrained=b.pretrained)
     if b.name in TORCHVISION_BACKBONES:
-        backbone = create_backbone(b.name, dilated=b.dilated, reduced_tail=b.reduced_tail, **common)
-        if b.stage_start_levels:
-            _tap_stage_starts(backbone, list(b.stage_start_levels))
-        return backbone
+        return create_backbone(
+            b.name, dilated=b.dilated, reduced_tail=b.reduced_tail, stage_start_levels=tuple(b.stage_start_levels), **common
+        )
     used = [k for k in ("dilated", "reduced_tail", "stage_start_levels") if b[k]]
     if used:
-        raise ValueError(f"backbone.{used[0]} is a MobileNetV3 option ({', '.join(TORCHVISION_BACKBONES)}), not for {b.name!r}")
+        options = ', '.join(TORCHVISION_BACKBONES)
+        raise ValueError(f"backbone.{used[0]} is a MobileNetV3 option ({options}), not for {b.name!r}")
     return create_backbone(b.name, drop_path_rate=b.drop_path_rate, **common)
-
-
-def _tap_stage_starts(backbone: MobileNetV3Backbone, levels: list[int]) -> None:
-    """Read ``levels`` after the first (strided) block of their stage instead of at the stage end.
-
-    torchvision's LR-ASPP takes its stride-8 skip there (``features[4]`` of MobileNetV3-Large, ``features[2]`` of
-    Small), so its checkpoints need it. Weights are unaffected: only which layer's output is returned changes.
-    """
-    # TODO(lead): a MobileNetV3Backbone constructor option would avoid touching its private _indices here.
-    strides = [stride for stride, _ in _layer_strides(backbone.features)]
-    for level in levels:
-        names = [s.name for s in backbone.feature_specs]
-        pos = next((i for i, s in enumerate(backbone.feature_specs) if s.level == level), None)
-        if pos is None:
-            raise ValueError(f"backbone.stage_start_levels: {level} is not one of the backbone's levels {names}")
-        first = strides.index(2**level)
-        channels = backbone.features[first].out_channels
-        backbone._indices[pos] = first
-        backbone.feature_specs[pos] = FeatureSpec(names[pos], 2**level, int(channels))
 
 
 def build_segmenter(cfg: DictConfig) -> Segmenter:
@@ -166,7 +156,7 @@ def build_segmenter(cfg: DictConfig) -> Segmenter:
     head: nn.Module
     if cfg.head.type == "lraspp":
         if len(channels) < 2:
-            raise ValueError(f"the lraspp head needs a stride-8 and a stride-16 feature; the backbone gives {backbone.feature_specs}")
+            raise ValueError(f"the lraspp head needs a stride-8 and a stride-16 feature; got {backbone.feature_specs}")
         head = LRASPPHead(channels[0], channels[-1], cfg.num_classes, inter_channels=cfg.head.channels or 128, **norm)
     else:
         if len(set(channels)) != 1:
@@ -195,8 +185,8 @@ def create_model(name: str, num_classes: int | None = None, weights: str | os.Pa
     Args:
         name: Model name, e.g. ``"efficientdet_d0"``; :func:`list_models` lists them.
         num_classes: Replace the config's class count (the head is re-initialised).
-        weights: A checkpoint to load: densekit's own, an efficientdet-pytorch or torchvision LR-ASPP state_dict, or (for the backbone
-            alone, via ``backbone={"weights": ...}``) EfficientNet weights.
+        weights: A checkpoint to load: densekit's own, an efficientdet-pytorch or a torchvision LR-ASPP state_dict,
+            or (for the backbone alone, via ``backbone={"weights": ...}``) EfficientNet / MobileNetV3 weights.
         **overrides: Config overrides as nested dicts, e.g. ``neck={"repeats": 1}``, ``image_size=[256, 256]``.
     """
     if num_classes is not None:

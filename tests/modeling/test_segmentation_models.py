@@ -18,7 +18,7 @@ from densekit.modeling.segmenter import SegmentationLoss, Segmenter
 from densekit.modeling.weights import load_weights
 from densekit.utils import count_parameters
 
-SEG_MODELS = [n for n in densekit.list_models() if n.startswith(("eseg", "lraspp"))]
+SEG_MODELS = densekit.list_models(arch="segmenter")
 ESEG_MODELS = [n for n in SEG_MODELS if n.startswith("eseg")]
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -103,6 +103,14 @@ def test_eseg_output_shape() -> None:
         logits = model.forward_raw(torch.rand(2, 3, 128, 256))
     assert logits.shape == (2, 19, 128, 256)
     assert torch.isfinite(logits).all()
+
+
+def test_segmentation_zoo() -> None:
+    sizes = ["s", "m", "l"]
+    expected = ["lraspp_mobilenet_v3_large", "lraspp_mobilenet_v3_small"]
+    expected += [f"eseg_lite_{s}" for s in sizes] + [f"eseg_{s}" for s in sizes]
+    assert sorted(SEG_MODELS) == sorted(expected)
+    assert not set(SEG_MODELS) & set(densekit.list_models(arch="efficientdet"))
 
 
 @pytest.mark.parametrize("name", SEG_MODELS)

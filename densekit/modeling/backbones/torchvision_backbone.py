@@ -53,6 +53,8 @@ class MobileNetV3Backbone(Backbone):
             segmentation models do.
         pretrained: Load torchvision's ImageNet weights (fails fast with a clear message when offline).
         reduced_tail: Halve the channels of the last stage (torchvision's option; no pretrained weights exist).
+        stage_start_levels: Levels read after the first (strided) block of their stage instead of at the stage end;
+            torchvision's LR-ASPP takes its stride-8 skip there (``features[4]`` of Large, ``features[2]`` of Small).
 
     Raises:
         ValueError: unknown name, a level the configuration does not have, or pretrained with reduced_tail.
@@ -65,6 +67,7 @@ class MobileNetV3Backbone(Backbone):
         dilated: bool = False,
         pretrained: bool = False,
         reduced_tail: bool = False,
+        stage_start_levels: Sequence[int] = (),
     ):
         super().__init__()
         if name not in _BUILDERS:
@@ -90,7 +93,10 @@ class MobileNetV3Backbone(Backbone):
         table = _layer_strides(model.features)
         last_at_level: dict[int, int] = {}
         for index, (stride, _) in enumerate(table):
-            last_at_level[stride.bit_length() - 1] = index  # later index wins: the end of the stage
+            level = stride.bit_length() - 1
+            if level in stage_start_levels and level in last_at_level:
+                continue  # keep the stage's first (strided) block
+            last_at_level[level] = index  # later index wins: the end of the stage
         missing = [lvl for lvl in levels if lvl not in last_at_level]
         if missing:
             note = " (dilated=True: output stride 16, the last feature is c4)" if dilated else ""
