@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data.cityscapes import NUM_CLASSES as CITYSCAPES_NUM_CLASSES
 from ..data.build import build_detection_dataset, build_segmentation_dataset, input_size, task_of
+from ..modeling.build import list_models
 from .evaluate import evaluate_detector, evaluate_segmenter
 
 ARCH_OF_TASK = {"detection": "efficientdet", "segmentation": "segmenter"}
@@ -25,8 +26,8 @@ def check_model_fits_task(cfg: Any) -> str:
     arch = cfg.model.get("arch", "efficientdet")
     if arch != ARCH_OF_TASK[task]:
         raise ValueError(
-            f"model={cfg.model.name} is a {arch} model but data={cfg.data.name} is a {task} dataset; "
-            f"pick a {ARCH_OF_TASK[task]} model"
+            f"model={cfg.model.name} (arch {arch}) does not fit data={cfg.data.name}, a {task} dataset; pick an "
+            f"arch {ARCH_OF_TASK[task]} model: {', '.join(list_models(arch=ARCH_OF_TASK[task]))}"
         )
     return task
 

@@ -125,3 +125,30 @@ def test_train_benchmark_times_both_implementations(tmp_path: Path) -> None:
     assert set(result["train_step"]) == {"densekit", "effdet"}
     assert all(s["median_ms"] > 0 for s in result["train_step"].values())
     assert result["loader_images_per_s"]["num_workers=0"] > 0
+
+
+def test_segmentation_trains_and_evaluates_on_synthetic_cityscapes(tmp_path: Path) -> None:
+    run, evald = tmp_path / "run", tmp_path / "eval"
+    common = ["model=lraspp_mobilenet_v3_small", "data=synthetic_cityscapes", "data.num_train=8", "data.num_val=4"]
+    cmd = tool("train.py", *common, "train=seg_synthetic", "train.max_steps=4", "train.batch_size=4",
+               "train.num_workers=0", "train.eval_every_epochs=0", f"hydra.run.dir={run}", datasets=tmp_path)
+    done = subprocess.run(cmd, env=env_for(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mIoU" in done.stdout and "Per-class IoU" in done.stdout
+    assert torch.load(run / "checkpoints" / "last.pth", weights_only=True)["step"] == 4
+
+    cmd = tool("eval.py", *common, f"weights={run / 'checkpoints' / 'last.pth'}", "data.write_predictions=true",
+               "eval.visualize=2", "eval.num_workers=0", f"hydra.run.dir={evald}", datasets=tmp_path)
+    done = subprocess.run(cmd, env=env_for(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((evald / "metrics.json").read_text())
+    assert 0.0 <= metrics["mIoU"] <= 1.0 and len(metrics["per_class_iou"]) == 19
+    pngs = sorted((evald / "pred_val").glob("*_leftImg8bit.png"))
+    assert len(pngs) == 4  # labelId PNGs for cityscapesscripts
+    assert len(list((evald / "vis").glob("*.jpg"))) == 2
+
+
+def test_detector_on_segmentation_data_is_refused(tmp_path: Path) -> None:
+    cmd = tool("train.py", "model=efficientdet_d0", "data=synthetic_cityscapes", datasets=tmp_path)
+    done = subprocess.run(cmd, env=env_for(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "(arch efficientdet) does not fit data=synthetic_cityscapes, a segmentation dataset" in done.stderr
