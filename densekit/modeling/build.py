@@ -57,6 +57,26 @@ def load_model_config(name: str, **overrides: Any) -> DictConfig:
     return resolve_model_config(cfg, source=str(path))
 
 
+def build_bifpn(cfg: DictConfig, backbone: Backbone) -> BiFPN:
+    """The BiFPN of a detector or segmenter config (``cfg.neck`` plus the model-wide act / padding / BN keys)."""
+    lowest = min(s.level for s in backbone.feature_specs)
+    if lowest != cfg.neck.min_level:
+        raise ValueError(f"backbone.out_levels starts at {lowest} but neck.min_level is {cfg.neck.min_level}")
+    return BiFPN(
+        backbone.out_channels,
+        min_level=cfg.neck.min_level,
+        max_level=cfg.neck.max_level,
+        channels=cfg.neck.channels,
+        repeats=cfg.neck.repeats,
+        fusion=cfg.neck.fusion,
+        act=cfg.act,
+        tf_padding=cfg.tf_padding,
+        redundant_bias=cfg.redundant_bias,
+        bn_eps=cfg.bn_eps,
+        bn_momentum=cfg.bn_momentum,
+    )
+
+
 def build_efficientdet(cfg: DictConfig) -> EfficientDet:
     """Assemble an :class:`EfficientDet` from a resolved config (see :class:`densekit.config.EfficientDetConfig`)."""
     norm = dict(redundant_bias=cfg.redundant_bias, bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
@@ -67,20 +87,7 @@ def build_efficientdet(cfg: DictConfig) -> EfficientDet:
         pretrained=cfg.backbone.pretrained,
         drop_path_rate=cfg.backbone.drop_path_rate,
     )
-    lowest = min(s.level for s in backbone.feature_specs)
-    if lowest != cfg.neck.min_level:
-        raise ValueError(f"backbone.out_levels starts at {lowest} but neck.min_level is {cfg.neck.min_level}")
-    neck = BiFPN(
-        backbone.out_channels,
-        min_level=cfg.neck.min_level,
-        max_level=cfg.neck.max_level,
-        channels=cfg.neck.channels,
-        repeats=cfg.neck.repeats,
-        fusion=cfg.neck.fusion,
-        act=cfg.act,
-        tf_padding=cfg.tf_padding,
-        **norm,
-    )
+    neck = build_bifpn(cfg, backbone)
     anchors = AnchorGenerator(
         cfg.neck.min_level, cfg.neck.max_level, cfg.anchors.num_scales, cfg.anchors.aspect_ratios, cfg.anchors.anchor_scale
     )
@@ -137,21 +144,7 @@ def build_segmenter(cfg: DictConfig) -> Segmenter:
     neck = None
     channels = backbone.out_channels
     if cfg.neck is not None:
-        lowest = min(s.level for s in backbone.feature_specs)
-        if lowest != cfg.neck.min_level:
-            raise ValueError(f"backbone.out_levels starts at {lowest} but neck.min_level is {cfg.neck.min_level}")
-        neck = BiFPN(
-            backbone.out_channels,
-            min_level=cfg.neck.min_level,
-            max_level=cfg.neck.max_level,
-            channels=cfg.neck.channels,
-            repeats=cfg.neck.repeats,
-            fusion=cfg.neck.fusion,
-            act=cfg.act,
-            tf_padding=cfg.tf_padding,
-            redundant_bias=cfg.redundant_bias,
-            **norm,
-        )
+        neck = build_bifpn(cfg, backbone)
         channels = [cfg.neck.channels] * (cfg.neck.max_level - cfg.neck.min_level + 1)
     head: nn.Module
     if cfg.head.type == "lraspp":

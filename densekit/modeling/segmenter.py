@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import Backbone
-from .detector import EfficientDet, Images
+from .base import DenseModel, Images
 
 
 class SegmentationLoss(nn.Module):
@@ -63,7 +63,7 @@ class SegmentationLoss(nn.Module):
         return valid & (losses >= min(cuts))
 
 
-class Segmenter(nn.Module):
+class Segmenter(DenseModel):
     """A semantic segmentation model with detectron2's / torchvision's calling convention.
 
     * ``model.train(); model(images, targets)`` -> ``{"loss_seg": loss}``; ``targets`` holds one
@@ -97,21 +97,10 @@ class Segmenter(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
     ) -> None:
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone, pixel_mean, pixel_std)
         self.neck = neck
         self.head = head
         self.loss = loss
-        # Not persistent: normalisation is configuration, and keeping it out of state_dict keeps checkpoints portable.
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), persistent=False)
-        # Pyramid levels above the backbone (BiFPN P6-P9) are ceil-halved, so only the backbone's strides need
-        # the input to divide evenly; 1024x2048 is a multiple of 32 and runs unpadded.
-        self.size_divisor = max(backbone.strides)
-        self._warned_sizes: set[tuple[int, int]] = set()
-
-    # The detector's batching convention, shared rather than re-implemented: normalise, then zero-pad bottom/right.
-    preprocess = EfficientDet.preprocess
 
     @property
     def num_classes(self) -> int:
