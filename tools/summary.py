@@ -105,11 +105,41 @@ def summarize(model: nn.Module, size: tuple[int, int]) -> str:
     return "\n".join(lines)
 
 
+def summarize_segmenter(model: nn.Module, size: tuple[int, int]) -> str:
+    """The summary text of a densekit segmenter (ESeg, LR-ASPP) for an input of ``size`` (H, W)."""
+    cfg = model.config
+    specs = model.backbone.feature_specs
+    parts = {"backbone": model.backbone, "neck": model.neck, "head": model.head}
+    neck = (
+        f"BiFPN P{cfg.neck.min_level}-P{cfg.neck.max_level}, {cfg.neck.channels} ch x {cfg.neck.repeats} repeats, "
+        f"fusion {cfg.neck.fusion}" if model.neck is not None else "none"
+    )
+    lines = [
+        f"model     {cfg.name}  ({cfg.arch}, {cfg.num_classes} classes, ignore {cfg.ignore_index}, act {cfg.act})",
+        f"backbone  {cfg.backbone.name}: levels {', '.join(f'P{s.level} (stride {s.stride}, {s.channels} ch)' for s in specs)}",
+        f"neck      {neck}",
+        f"head      {cfg.head.type}",
+        "",
+        f"{'parameters':<22}{'densekit':>14}",
+    ]
+    for part, module in parts.items():
+        lines.append(f"  {part:<20}{count_parameters(module) if module is not None else 0:>14,}")
+    lines.append(f"  {'total':<20}{count_parameters(model):>14,}")
+    with torch.no_grad():
+        logits = model.forward_raw(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
+    lines += [
+        f"{'MACs':<22}{format_count(count_macs(model, size)):>14}",
+        f"  input {size[0]}x{size[1]}, logits {list(logits.shape)}",
+    ]
+    return "\n".join(lines)
+
+
 @hydra.main(config_path="../conf", config_name="summary", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Entry point: build ``cfg.model`` and print its summary."""
     model = build_shapes_only(cfg.model).eval()
-    print(summarize(model, input_size(cfg.image_size, model.config.image_size)))
+    size = input_size(cfg.image_size, model.config.image_size)
+    print(summarize_segmenter(model, size) if model.config.arch == "segmenter" else summarize(model, size))
 
 
 if __name__ == "__main__":

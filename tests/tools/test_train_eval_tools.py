@@ -152,3 +152,10 @@ def test_detector_on_segmentation_data_is_refused(tmp_path: Path) -> None:
     cmd = tool("train.py", "model=efficientdet_d0", "data=synthetic_cityscapes", datasets=tmp_path)
     done = subprocess.run(cmd, env=env_for(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "(arch efficientdet) does not fit data=synthetic_cityscapes, a segmentation dataset" in done.stderr
+
+
+def test_summary_tool_describes_a_segmenter(tmp_path: Path) -> None:
+    done = subprocess.run(tool("summary.py", "model=eseg_lite_s", "image_size=[128,256]", datasets=tmp_path), env=env_for(tmp_path),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "BiFPN P3-P9" in done.stdout and "logits [1, 19, 128, 256]" in done.stdout
