@@ -1,0 +1,284 @@
+"""ONNX export of densekit models and a parity check against onnxruntime.
+
+The exported graph takes ``images``: float ``[B, 3, H, W]`` in [0, 1] at a fixed batch and size; normalisation
+(and padding to the backbone stride) is part of the graph, so a runtime feeds plain RGB in [0, 1].
+
+* Detection, network only: ``cls_p3 .. cls_pN`` (``[B, A*C, h, w]`` logits) then ``box_p3 .. box_pN``
+  (``[B, A*4, h, w]`` regressions), exactly :meth:`EfficientDet.forward_raw`.
+* Detection with ``postprocess=True``: top-k, box decoding, clipping and class-wise hard NMS in the graph
+  (``NonMaxSuppression``), as fixed-size outputs ``boxes [B, D, 4]``, ``scores [B, D]``, ``labels [B, D]`` (int64)
+  and ``num_detections [B]`` (int64), with ``D = max_detections``; rows past ``num_detections`` are zeros.
+* Segmentation: ``logits`` ``[B, C, H, W]``, exactly :meth:`Segmenter.forward_raw`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.ops import nms
+
+from .modeling.detector import EfficientDet
+from .modeling.postprocess import flatten_levels
+from .modeling.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+POSTPROCESS_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
+
+
+class ExportError(RuntimeError):
+    """A model (or option) that this exporter cannot turn into a correct ONNX graph."""
+
+
+class _DetectionNet(nn.Module):
+    """``forward_raw`` of a detector with flat outputs: every level's class logits, then every level's boxes."""
+
+    def __init__(self, model: EfficientDet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cls_out, box_out = self.model.forward_raw(images)
+        return (*cls_out, *box_out)
+
+
+class _SegmentationNet(nn.Module):
+    """``forward_raw`` of a segmenter."""
+
+    def __init__(self, model: Segmenter) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_raw(images)
+
+
+class _DetectionWithNms(nn.Module):
+    """The detector's eval-mode post-processing (hard NMS) written with static shapes, so that it exports.
+
+    The eval path (:class:`~densekit.modeling.postprocess.DetectionPostprocessor`) returns a variable number of
+    boxes per image through ``batched_nms`` and Python loops; here the batch size and image size are fixed at export
+    time, anchors and clip limits become constants, class-wise NMS uses the coordinate-offset trick (one
+    ``torchvision.ops.nms`` per image, which maps to ONNX ``NonMaxSuppression``) and results are padded to
+    ``max_detections``.
+    """
+
+    def __init__(self, model: EfficientDet, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        post = model.postprocessor
+        if post.soft_nms:
+            raise ExportError(
+                "postprocess=True supports hard NMS only: soft-NMS rescores candidates in a loop the ONNX graph "
+                "would have to unroll max_detections times (export with postprocess=False, or set "
+                "model.postprocess.soft_nms=false)"
+            )
+        self.model = model
+        self.post = post
+        d = model.size_divisor
+        padded = (-(-image_size[0] // d) * d, -(-image_size[1] // d) * d)
+        # Constants of the graph: anchors depend only on the (padded) input size, fixed at export.
+        self.register_buffer("anchors", model.anchor_generator(padded, "cpu").clone(), persistent=False)
+        h, w = image_size
+        self.register_buffer("limits", torch.tensor([w, h, w, h], dtype=torch.float32), persistent=False)
+        # Boxes are clipped to [0, max(H, W)]: shifting each class by more than that keeps classes apart in NMS.
+        self.class_shift = float(max(h, w) + 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cls_out, box_out = self.model.forward_raw(images)
+        num_classes = self.model.num_classes
+        cls_logits = flatten_levels(cls_out, num_classes)
+        box_deltas = flatten_levels(box_out, 4)
+        batch, num_anchors, _ = cls_logits.shape
+        k = min(self.post.pre_nms_top_k, num_anchors * num_classes)
+        most = self.post.max_detections
+        top_logits, top_idx = cls_logits.reshape(batch, -1).topk(k, dim=1)
+        anchor_idx = top_idx // num_classes
+        classes = top_idx % num_classes
+        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)).float()
+        boxes = self.post.box_coder.decode(deltas, self.anchors[anchor_idx])
+        boxes = torch.minimum(boxes.clamp(min=0), self.limits)
+        scores = top_logits.float().sigmoid()
+        offset = classes.to(boxes.dtype)[..., None] * self.class_shift
+        out_boxes, out_scores, out_labels, counts = [], [], [], []
+        for b in range(batch):  # the batch is fixed at export, so this loop unrolls
+            keep = nms(boxes[b] + offset[b], scores[b], self.post.nms_iou)
+            # Pad with index 0 so that the first `most` entries always exist, then mask the padding.
+            # (built from tensors, not keep.shape[0], so that a tracing exporter cannot bake the count in).
+            idx = torch.cat([keep, keep.new_zeros(most)])[:most]
+            kept = torch.cat([torch.ones_like(keep, dtype=torch.bool), keep.new_zeros(most, dtype=torch.bool)])[:most]
+            sc = scores[b, idx]
+            # Sorted by score, so dropping low scores after NMS equals dropping them before: a box can only
+            # suppress lower-scoring ones.
+            valid = kept & (sc >= self.post.score_threshold)
+            out_boxes.append(torch.where(valid[:, None], boxes[b, idx], 0.0))
+            out_scores.append(torch.where(valid, sc, 0.0))
+            out_labels.append(torch.where(valid, classes[b, idx], 0))
+            counts.append(valid.sum())
+        return torch.stack(out_boxes), torch.stack(out_scores), torch.stack(out_labels), torch.stack(counts)
+
+
+def _export_module(model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
+    """The module to trace and its output names."""
+    if isinstance(model, EfficientDet):
+        if postprocess:
+            return _DetectionWithNms(model, image_size), list(POSTPROCESS_OUTPUTS)
+        levels = range(model.neck.min_level, model.neck.max_level + 1)
+        return _DetectionNet(model), [f"cls_p{lv}" for lv in levels] + [f"box_p{lv}" for lv in levels]
+    if isinstance(model, Segmenter):
+        if postprocess:
+            raise ExportError("postprocess=True is for detectors; a segmenter exports its logits (argmax them at runtime)")
+        return _SegmentationNet(model), ["logits"]
+    raise ExportError(f"cannot export {type(model).__name__}: expected a densekit EfficientDet or Segmenter")
+
+
+def _check_size(image_size: tuple[int, int], batch: int) -> tuple[int, int]:
+    if len(image_size) != 2 or min(int(image_size[0]), int(image_size[1])) < 1:
+        raise ValueError(f"image_size must be (H, W) with positive sides, got {image_size!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    return int(image_size[0]), int(image_size[1])
+
+
+def _run_exporter(module: nn.Module, example: torch.Tensor, out: Path, output_names: list[str], opset: int) -> None:
+    """Trace ``module`` on ``example`` into ``out``.
+
+    torch's dynamo exporter starts at opset 18 (it silently keeps 18 when asked for less and the down-conversion
+    fails, as it does for ``Pad``), so lower opsets go through the TorchScript exporter, which emits them natively.
+    Both map ``torchvision.ops.nms`` to ``NonMaxSuppression``.
+    """
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer / deprecation chatter about our static shapes is expected
+        if opset >= 18:
+            program = torch.onnx.export(
+                module, (example,), input_names=["images"], output_names=output_names, opset_version=opset,
+                dynamo=True, verbose=False,
+            )
+            if program is None:
+                raise ExportError("torch.onnx.export returned no program")
+            # One self-contained file: densekit models are far below ONNX's 2 GB protobuf limit.
+            program.save(str(out), external_data=False)
+        else:
+            torch.onnx.export(
+                module, (example,), str(out), input_names=["images"], output_names=output_names, opset_version=opset,
+                dynamo=False, do_constant_folding=True,
+            )
+
+
+def _onnx_opset(path: Path) -> int:
+    """The default-domain opset a written ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    image_size: tuple[int, int],
+    batch: int = 1,
+    opset: int = 17,
+    postprocess: bool = False,
+) -> Path:
+    """Export ``model`` (a densekit detector or segmenter) to ONNX at a fixed batch size and input size.
+
+    Args:
+        model: The model; it is put in eval mode (BatchNorm folds to its running statistics).
+        path: Output ``.onnx`` file; written atomically (a partial file never appears under this name).
+        image_size: Input ``(H, W)``.
+        batch: Batch size baked into the graph.
+        opset: ONNX opset version.
+        postprocess: Detectors only: include top-k, decoding and hard NMS (see the module docstring).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ExportError: The model or option cannot be exported (e.g. soft-NMS post-processing, a segmenter with
+            ``postprocess=True``, or an operator torch's exporter does not support).
+    """
+    h, w = _check_size(image_size, batch)
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    model.eval()
+    module, output_names = _export_module(model, (h, w), postprocess)
+    device = next(model.parameters()).device
+    module.to(device)
+    example = torch.rand(batch, 3, h, w, device=device)
+    # Same directory as the target, so os.replace is an atomic rename on one filesystem.
+    # The pid keeps concurrent exports apart; not mkstemp, whose 0600 mode would survive the rename.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _run_exporter(module, example, tmp, output_names, opset)
+        written = _onnx_opset(tmp)
+        if written != opset:  # the exporter may keep a newer opset when it cannot convert down: say so, not ship it
+            raise ExportError(f"asked for opset {opset}, torch's exporter produced opset {written}")
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as err:  # the exporter raises many types; callers need one, with the cause attached
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(err).__name__}: {err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.debug("exported %s to %s (%d bytes)", getattr(getattr(model, "config", None), "name", type(model).__name__),
+             path, path.stat().st_size)
+    return path
+
+
+def check_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int, int], atol: float = 1e-4) -> float:
+    """Run the ONNX file in onnxruntime and PyTorch on one random input; the max abs difference over all outputs.
+
+    The batch size and whether the graph includes post-processing are read from the file. Integer outputs
+    (labels, counts) must match exactly; a mismatch there counts as an infinite difference. With post-processing
+    this needs distinct scores: an untrained head scores every candidate alike, and rounding-level differences
+    between the runtimes then reorder top-k / NMS (the error says when that is the likely cause).
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+        AssertionError: The difference is above ``atol`` (or the outputs disagree in shape).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    h, w = _check_size(image_size, 1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    batch = inp.shape[0] if isinstance(inp.shape[0], int) else 1
+    names = [o.name for o in session.get_outputs()]
+    model.eval()
+    module, expected_names = _export_module(model, (h, w), postprocess=names == list(POSTPROCESS_OUTPUTS))
+    if names != expected_names:
+        raise AssertionError(f"{path} has outputs {names}, the model would export {expected_names}")
+    device = next(model.parameters()).device
+    module.to(device)
+    images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0))
+    got = session.run(None, {inp.name: images.numpy()})
+    with torch.no_grad():
+        want = module(images.to(device))
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    worst = 0.0
+    for name, g, t in zip(names, got, want):
+        t = t.cpu().numpy()
+        if g.shape != t.shape:
+            raise AssertionError(f"output {name}: onnxruntime shape {g.shape}, PyTorch {t.shape}")
+        if np.issubdtype(t.dtype, np.integer):
+            diff = 0.0 if np.array_equal(g, t) else float("inf")
+        else:
+            diff = float(np.abs(g.astype(np.float64) - t.astype(np.float64)).max(initial=0.0))
+        worst = max(worst, diff)
+    if worst > atol:
+        hint = ""
+        if names == list(POSTPROCESS_OUTPUTS):
+            # Why: a fresh head scores every candidate ~sigmoid(prior bias); rounding-level differences then reorder
+            # near-ties, which changes top-k and NMS. That is a property of the weights, not a wrong graph.
+            gaps = np.diff(np.sort(want[1].cpu().numpy().ravel()))
+            tied = int((gaps[gaps > 0] < 1e-6).sum()) if gaps.size else 0
+            hint = (f" ({tied} near-tied scores in the top detections: expected with untrained weights; check "
+                    "with a trained checkpoint, or check the network alone with postprocess=False)") if tied else ""
+        raise AssertionError(f"ONNX parity failed for {path}: max abs difference {worst:.3g} > atol {atol:g}{hint}")
+    return worst

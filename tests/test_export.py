@@ -1,0 +1,117 @@
+"""ONNX export: onnxruntime parity per architecture, detection post-processing in the graph, and tools/export.py."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import densekit  # noqa: E402
+from densekit.export import ExportError, check_onnx, export_onnx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_D0 = {"neck": {"repeats": 1}}
+
+
+def spread_class_logits(model: nn.Module) -> nn.Module:
+    """Give a fresh detector distinct class scores: at the prior bias every score is ~0.01, and near-ties would
+    let onnxruntime and PyTorch order (and so NMS) candidates differently for reasons that are not the graph's."""
+    with torch.no_grad():
+        model.head.class_net.predict.conv_pw.bias.zero_()
+        model.head.class_net.predict.conv_pw.weight.mul_(300)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "size", "outputs"),
+    [
+        ("efficientdet_d0", TINY_D0, (128, 128), [f"cls_p{i}" for i in range(3, 8)] + [f"box_p{i}" for i in range(3, 8)]),
+        ("eseg_lite_s", {}, (64, 128), ["logits"]),
+        ("lraspp_mobilenet_v3_small", {}, (64, 128), ["logits"]),
+    ],
+)
+def test_network_parity(tmp_path: Path, name: str, overrides: dict, size: tuple[int, int], outputs: list[str]) -> None:
+    torch.manual_seed(0)
+    model = densekit.create_model(name, **overrides)
+    path = export_onnx(model, tmp_path / f"{name}.onnx", size)
+    assert path == tmp_path / f"{name}.onnx" and [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp left
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert session.get_inputs()[0].shape == [1, 3, *size]
+    assert [o.name for o in session.get_outputs()] == outputs
+    assert check_onnx(model, path, size) <= 1e-4
+
+
+def test_network_parity_dynamo_opset18_batch2(tmp_path: Path) -> None:
+    """Opset >= 18 goes through the dynamo exporter; a baked-in batch of 2 and a size that needs padding."""
+    torch.manual_seed(0)
+    model = densekit.create_model("lraspp_mobilenet_v3_small")
+    path = export_onnx(model, tmp_path / "m.onnx", (72, 100), batch=2, opset=18)
+    assert ort.InferenceSession(str(path)).get_inputs()[0].shape == [2, 3, 72, 100]
+    assert check_onnx(model, path, (72, 100)) <= 1e-4
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_detection_postprocess_matches_eval_forward(tmp_path: Path, opset: int) -> None:
+    """The graph's NMS output equals the model's own eval-mode detections, padded to max_detections."""
+    torch.manual_seed(0)
+    model = spread_class_logits(
+        densekit.create_model("efficientdet_d0", num_classes=3, postprocess={"score_threshold": 0.6}, **TINY_D0)
+    ).eval()
+    size = (128, 96)
+    path = export_onnx(model, tmp_path / "nms.onnx", size, batch=2, opset=opset, postprocess=True)
+    assert check_onnx(model, path, size) <= 1e-4
+
+    images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    boxes, scores, labels, counts = ort.InferenceSession(str(path)).run(None, {"images": images.numpy()})
+    most = model.postprocessor.max_detections
+    assert boxes.shape == (2, most, 4) and scores.shape == labels.shape == (2, most) and counts.shape == (2,)
+    with torch.no_grad():
+        reference = model(images)
+    for b, ref in enumerate(reference):
+        n = int(counts[b])
+        assert n == len(ref["scores"]) and 0 < n < most  # the threshold leaves some, not all
+        np.testing.assert_allclose(boxes[b, :n], ref["boxes"].numpy(), atol=1e-4)
+        np.testing.assert_allclose(scores[b, :n], ref["scores"].numpy(), atol=1e-5)
+        np.testing.assert_array_equal(labels[b, :n], ref["labels"].numpy())
+        assert not boxes[b, n:].any() and not scores[b, n:].any()
+
+
+def test_unsupported_exports_raise(tmp_path: Path) -> None:
+    det = densekit.create_model("efficientdet_d0", postprocess={"soft_nms": True}, **TINY_D0)
+    with pytest.raises(ExportError, match="soft-NMS"):
+        export_onnx(det, tmp_path / "soft.onnx", (128, 128), postprocess=True)
+    seg = densekit.create_model("lraspp_mobilenet_v3_small")
+    with pytest.raises(ExportError, match="for detectors"):
+        export_onnx(seg, tmp_path / "seg.onnx", (64, 64), postprocess=True)
+    with pytest.raises(FileNotFoundError):
+        export_onnx(seg, tmp_path / "missing" / "seg.onnx", (64, 64))
+    assert not list(tmp_path.rglob("*.onnx")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def _tool(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(ROOT / "tools" / "export.py"), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_export_tool_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "lraspp.onnx"
+    done = _tool("model=lraspp_mobilenet_v3_small", f"export.output={out}", "image_size=[64,128]")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.is_file() and f"wrote {out}" in done.stdout and "max abs difference" in done.stdout
+
+    missing = _tool("model=lraspp_mobilenet_v3_small", "image_size=[64,128]")
+    assert missing.returncode == 1 and "error: export.output is required" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = _tool("model=lraspp_mobilenet_v3_small", f"export.output={out}", "export.postprocess=true")
+    assert bad.returncode == 1 and "error: postprocess=True is for detectors" in bad.stderr
+    assert "Traceback" not in bad.stderr
