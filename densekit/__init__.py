@@ -1,5 +1,6 @@
 """densekit: EfficientDet, ESeg and LR-ASPP dense prediction on EfficientNet / MobileNetV3 backbones."""
 from .config import register_configs
+from .inference import optimize_for_inference
 from .modeling.backbones import create_backbone, list_backbones
 from .modeling.build import build_model, create_model, list_models, load_model_config
 from .modeling.checkpoint_io import CheckpointError
@@ -16,4 +17,5 @@ __all__ = [
     "list_backbones",
     "list_models",
     "load_model_config",
+    "optimize_for_inference",
 ]

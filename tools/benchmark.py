@@ -4,6 +4,7 @@ Usage::
 
     python tools/benchmark.py model=efficientdet_d0 bench.iters=30
     python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.output=d0.json
+    python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.optimize=true
 
 Two modes are timed under ``torch.inference_mode`` after ``bench.warmup`` untimed calls:
 
@@ -14,9 +15,14 @@ With ``bench.compare=true``, effdet's ``EfficientDet`` (network) and ``DetBenchP
 same input, pre-normalised outside the timed region because effdet expects a normalised input, with densekit's
 weights copied from effdet so that both do the same NMS work. All timed functions are called in turn within each
 iteration, so that a slow period of a shared machine hits every one of them alike.
+
+``bench.optimize=true`` times densekit's model after :func:`densekit.optimize_for_inference` (BN folded, channels_last
+as ``bench.channels_last``); effdet's side is unchanged. ``bench.precision=bf16`` runs every timed call, both sides,
+under ``torch.autocast`` with bfloat16.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -33,6 +39,7 @@ from densekit.utils import count_macs, count_parameters, effdet_counterpart, for
 from densekit.utils.benchmarking import device_description, stats, synchronizer, time_interleaved
 
 MODES = ("network", "end_to_end")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # the autocast dtype; None = no autocast
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,6 +110,9 @@ def run(cfg: DictConfig) -> dict:
     if b.iters < 1 or b.warmup < 0 or b.batch_size < 1:
         sys.exit("bench.iters and bench.batch_size must be >= 1 and bench.warmup >= 0")
     device = resolve_device(str(b.device))
+    if str(b.precision) not in PRECISIONS:
+        sys.exit(f"bench.precision={b.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    amp_dtype = PRECISIONS[str(b.precision)]
     if b.threads is not None:
         torch.set_num_threads(int(b.threads))
     model = densekit.build_model(cfg.model).eval()
@@ -116,6 +126,8 @@ def run(cfg: DictConfig) -> dict:
         "batch_size": b.batch_size,
         "image_size": list(size),
         "channels_last": bool(b.channels_last),
+        "optimize": bool(b.optimize),
+        "precision": str(b.precision),
         "warmup": b.warmup,
         "iters": b.iters,
         "params": count_parameters(model),
@@ -136,11 +148,14 @@ def run(cfg: DictConfig) -> dict:
         fns["effdet/network"] = lambda: ref(ref_images)
         fns["effdet/end_to_end"] = lambda: ref_bench(ref_images, img_info)
     model = model.to(device, memory_format=fmt)
+    if b.optimize:  # after effdet_twin, which loads effdet's weights into the unoptimised model
+        model = densekit.optimize_for_inference(model, channels_last=bool(b.channels_last))
     fns["densekit/network"] = lambda: model.forward_raw(images)
     fns["densekit/end_to_end"] = lambda: model(images)
     # A fixed order within each iteration: densekit first, network before end-to-end (also the report's order).
     fns = {key: fns[key] for key in sorted(fns, key=lambda k: (k.split("/")[0], MODES.index(k.split("/")[1])))}
-    with torch.inference_mode():
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
         times = time_interleaved(fns, b.warmup, b.iters, synchronizer(device))
     # Counted after timing: the meta-device copy then inherits the model's already-logged padding notice (once).
     result["macs_per_image"] = count_macs(model, size)
@@ -166,7 +181,9 @@ def report(r: dict) -> str:
         f"device    {r['device']} ({r['device_name']})",
         f"torch     {r['torch']}",
         f"model     {r['model']}" + (f"  vs effdet {r['effdet_model']}" if "effdet_model" in r else ""),
-        f"input     {r['batch_size']}x3x{h}x{w} fp32, {'channels_last' if r['channels_last'] else 'contiguous (NCHW)'}",
+        f"input     {r['batch_size']}x3x{h}x{w} {r['precision']}, "
+        + ("channels_last" if r["channels_last"] else "contiguous (NCHW)"),
+        f"densekit  {'optimize_for_inference (BN folded)' if r['optimize'] else 'as built'}",
         f"params    {r['params']:,}   MACs/image {format_count(r['macs_per_image'])}"
         + (f" (effdet {format_count(r['effdet_macs_per_image'])})" if "effdet_macs_per_image" in r else ""),
         f"timing    {r['warmup']} warm-up + {r['iters']} timed calls each, interleaved",

@@ -1,0 +1,187 @@
+"""Inference-only rewrites of a densekit model: BatchNorm folding, channels_last weights, optional ``torch.compile``.
+
+Folding uses :func:`torch.nn.utils.fusion.fuse_conv_bn_eval` on every convolution that a BatchNorm directly follows
+in the same module path. "Directly follows" is read off the module structure, never guessed from registration
+order alone, because a module's ``__init__`` order says nothing about its ``forward``:
+
+* ``nn.Sequential`` children: a ``Conv2d`` immediately followed by a ``BatchNorm2d`` (densekit's ``ConvNorm``,
+  torchvision's ``Conv2dNormActivation`` in the MobileNetV3 backbone);
+* densekit's ``SeparableConv2d``: ``conv_pw`` -> ``bn``;
+* timm's EfficientNet / MobileNetV3 modules: the ``(conv, bn)`` attribute pairs their ``forward`` runs back to back
+  (:data:`_TIMM_PAIRS`); timm's ``BatchNormAct2d`` keeps its dropout / activation after the fold;
+* the EfficientDet class / box towers, whose convs are shared across levels but whose BNs are per level: each level
+  gets its own folded copy of the shared 1x1 pointwise conv, while the 3x3 depthwise conv stays shared. The pointwise
+  conv is a plain matmul, so a per-level copy costs the same FLOPs as the shared one and the BN pass disappears;
+  only ``levels x repeats`` small weight copies are added (about 0.25M parameters for D0).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .modeling.heads.efficientdet import SharedConvTower
+from .modeling.layers import SeparableConv2d
+
+__all__ = ["FoldedConvTower", "fold_batchnorm", "optimize_for_inference"]
+
+# timm class name -> (conv attribute, bn attribute) pairs that its forward calls consecutively (timm 1.0 blocks).
+_STEM = (("conv_stem", "bn1"), ("conv_head", "bn2"))
+_S2D = (("conv_s2d", "bn_s2d"),)
+_TIMM_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "EfficientNet": _STEM,
+    "EfficientNetFeatures": _STEM,
+    "MobileNetV3": _STEM,
+    "MobileNetV3Features": _STEM,
+    "ConvBnAct": (("conv", "bn1"),),
+    "DepthwiseSeparableConv": _S2D + (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": _S2D + (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+    "EdgeResidual": (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
+}
+
+
+class FoldedConvTower(nn.Module):
+    """:class:`SharedConvTower` with every per-level BN folded into a per-level copy of the shared pointwise conv.
+
+    Computes exactly what the tower computes in eval mode (up to float rounding), with one op fewer per repeat.
+    """
+
+    def __init__(self, tower: SharedConvTower) -> None:
+        super().__init__()
+        # The depthwise convs stay shared: the BN follows the pointwise conv, so only that one needs per-level copies.
+        self.dw = nn.ModuleList(conv.conv_dw for conv in tower.convs)
+        self.pw = nn.ModuleList(
+            nn.ModuleList(_fuse(conv.conv_pw, norm) for conv, norm in zip(tower.convs, norms)) for norms in tower.norms
+        )
+        self.act = tower.act
+        self.predict = tower.predict
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        outputs = []
+        for x, pws in zip(features, self.pw):
+            for dw, pw in zip(self.dw, pws):
+                x = self.act(pw(dw(x)))
+            outputs.append(self.predict(x))
+        return outputs
+
+
+def _foldable_bn(bn: nn.Module) -> bool:
+    """Whether ``bn`` is a BatchNorm whose eval-mode transform is a fixed per-channel affine."""
+    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+        return False
+    # Only plain BN and timm's BatchNormAct2d: other subclasses may change forward in ways folding would drop.
+    return type(bn) is nn.BatchNorm2d or type(bn).__name__ == "BatchNormAct2d"
+
+
+def _fuse(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """``conv`` with ``bn`` folded in (a new module; ``conv`` is untouched)."""
+    if not _foldable_bn(bn):  # e.g. Identity where a SeparableConv2d has no norm
+        return conv
+    return fuse_conv_bn_eval(conv.eval(), bn.eval())
+
+
+def _bn_remainder(bn: nn.Module) -> nn.Module:
+    """What is left of ``bn`` once its affine lives in the conv: timm's BatchNormAct2d keeps drop + act."""
+    rest = [m for name in ("drop", "act") if not isinstance(m := getattr(bn, name, nn.Identity()), nn.Identity)]
+    if not rest:
+        return nn.Identity()
+    return rest[0] if len(rest) == 1 else nn.Sequential(*rest)
+
+
+def _pairs(module: nn.Module) -> Iterator[tuple[str, str]]:
+    """The ``(conv, bn)`` child-name pairs of ``module`` whose forward applies the BN right after the conv."""
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        yield from zip(names[:-1], names[1:])
+    elif isinstance(module, SeparableConv2d):
+        yield "conv_pw", "bn"
+    elif type(module).__module__.startswith("timm."):
+        yield from _TIMM_PAIRS.get(type(module).__name__, ())
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold, in place, every BatchNorm that directly follows a convolution into it; returns how many were folded.
+
+    The model must be in eval mode (folding bakes in the running statistics). A conv used in more than one place
+    (shared weights) is only folded where its sharing is known, i.e. in :class:`SharedConvTower`.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm needs an eval-mode model: folding bakes in the BN running statistics")
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    folded = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SharedConvTower):
+                setattr(parent, name, FoldedConvTower(child))
+                folded += sum(_foldable_bn(bn) for norms in child.norms for bn in norms)
+        for conv_name, bn_name in list(_pairs(parent)):
+            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+            # A shared conv (or BN) feeds other paths too; folding one use would change the others.
+            if not isinstance(conv, nn.Conv2d) or not _foldable_bn(bn) or uses[id(conv)] > 1 or uses[id(bn)] > 1:
+                continue
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(parent, bn_name, _bn_remainder(bn))
+            folded += 1
+    return folded
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    channels_last: bool = True,
+    fold_bn: bool = True,
+    compile: bool = False,
+    example_input: torch.Tensor | None = None,
+    *,
+    strict: bool = False,
+) -> nn.Module:
+    """An eval-mode copy of ``model`` rewritten for inference; ``model`` itself is left untouched.
+
+    Args:
+        model: A densekit model (or any module).
+        channels_last: Store 4-D weights NHWC; pass channels_last inputs too for oneDNN / cuDNN's fast paths.
+        fold_bn: Fold every BatchNorm that directly follows a conv into that conv (see the module docstring).
+        compile: ``torch.compile`` the network (``backbone``, ``neck`` and ``head`` in place where the model has
+            them, so ``forward`` and ``forward_raw`` both use it while pre-/post-processing, whose shapes are
+            data-dependent (NMS), stay eager; otherwise the whole module).
+        example_input: With ``compile``, one input to compile on now, so that a failure shows here rather than at
+            the first real call. Without it compilation (and any failure) happens on the first call.
+        strict: With ``compile``, raise if compiling ``example_input`` fails instead of warning and returning the
+            uncompiled (but otherwise optimised) module.
+
+    Returns:
+        The optimised copy, in eval mode. It is for inference only: folded BNs no longer train.
+    """
+    out = copy.deepcopy(model).eval()
+    if fold_bn:
+        fold_batchnorm(out)
+    if channels_last:
+        out = out.to(memory_format=torch.channels_last)
+    if compile:
+        out = _compile(out, example_input, channels_last, strict)
+    return out
+
+
+def _compile(model: nn.Module, example_input: torch.Tensor | None, channels_last: bool, strict: bool) -> nn.Module:
+    """``model`` with its network compiled, or ``model`` unchanged (with a warning) if compiling fails."""
+    fallback = copy.deepcopy(model)  # compiling is in place; keep an untouched copy to return on failure
+    parts = [getattr(model, n) for n in ("backbone", "neck", "head") if isinstance(getattr(model, n, None), nn.Module)]
+    try:
+        for part in parts or [model]:
+            part.compile()
+        if example_input is not None:
+            x = example_input.contiguous(memory_format=torch.channels_last) if channels_last else example_input
+            with torch.inference_mode():
+                (model.forward_raw if hasattr(model, "forward_raw") else model)(x)
+    except Exception as err:  # noqa: BLE001 - dynamo / inductor raise many types; all mean "not compiled"
+        msg = f"optimize_for_inference: torch.compile failed ({type(err).__name__}: {err})"
+        if strict:
+            raise RuntimeError(msg) from err
+        warnings.warn(msg + "; returning the uncompiled module", RuntimeWarning, stacklevel=3)
+        return fallback
+    return model
