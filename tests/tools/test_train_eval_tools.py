@@ -106,10 +106,10 @@ def test_eval_tool_writes_a_test_dev_submission_pycocotools_can_load(trained_run
 
 
 def test_bad_config_key_and_missing_dataset_give_clear_errors(tmp_path: Path) -> None:
-    done = subprocess.run(tool("train.py", "train.lerning_rate=1", datasets=tmp_path), env=env_for(tmp_path), cwd=ROOT,
+    done = subprocess.run(tool("train.py", "train.lerning_rate=1", f"hydra.run.dir={tmp_path / 'a'}", datasets=tmp_path), env=env_for(tmp_path), cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "lerning_rate" in done.stderr
-    done = subprocess.run(tool("eval.py", "data=coco", "eval.allow_random_weights=true", datasets=tmp_path / "nowhere"),
+    done = subprocess.run(tool("eval.py", "data=coco", "eval.allow_random_weights=true", f"hydra.run.dir={tmp_path / 'b'}", datasets=tmp_path / "nowhere"),
                           env=env_for(tmp_path / "nowhere"), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "nowhere" in done.stderr and "Traceback" not in done.stderr[-300:]
 
@@ -149,7 +149,7 @@ def test_segmentation_trains_and_evaluates_on_synthetic_cityscapes(tmp_path: Pat
 
 
 def test_detector_on_segmentation_data_is_refused(tmp_path: Path) -> None:
-    cmd = tool("train.py", "model=efficientdet_d0", "data=synthetic_cityscapes", datasets=tmp_path)
+    cmd = tool("train.py", "model=efficientdet_d0", "data=synthetic_cityscapes", f"hydra.run.dir={tmp_path / 'run'}", datasets=tmp_path)
     done = subprocess.run(cmd, env=env_for(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "(arch efficientdet) does not fit data=synthetic_cityscapes, a segmentation dataset" in done.stderr
 
