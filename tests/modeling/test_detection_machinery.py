@@ -151,3 +151,13 @@ def test_bad_inputs_get_clear_errors() -> None:
         model(torch.rand(1, 1, 64, 64))
     with pytest.raises(ValueError, match="label 5 out of range for a 2-class model"):
         model.train()(torch.rand(1, 3, 64, 64), [{"boxes": torch.tensor([[0.0, 0.0, 9.0, 9.0]]), "labels": torch.tensor([5])}])
+
+
+@pytest.mark.parametrize("num_anchors,k", [(500, 100), (50, 100)], ids=["bounded", "k>=anchors-fallback"])
+def test_topk_pairs_equals_a_full_sort(num_anchors: int, k: int) -> None:
+    from densekit.modeling.postprocess import topk_pairs
+
+    logits = torch.randn(3, num_anchors, 7, generator=torch.Generator().manual_seed(0))  # distinct values: no ties
+    ref_values, ref_idx = logits.reshape(3, -1).topk(k, dim=1)
+    values, idx = topk_pairs(logits, k)
+    assert torch.equal(values, ref_values) and torch.equal(idx, ref_idx)
