@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
+from .table import per_class_columns
+
 __all__ = [
     "CITYSCAPES_CLASSES",
     "CityscapesEvaluator",
@@ -286,12 +288,6 @@ def format_cityscapes_table(metrics: Mapping[str, Any], width: int = 80) -> str:
     lines = [f"mIoU {_fmt(float(metrics['mIoU']))}   pixel acc {_fmt(float(metrics['pixel_acc']))}"]
     per_class = metrics.get("per_class_iou") or {}
     if per_class:
-        name_w = min(14, max(len(n) for n in per_class))
-        cell_w = name_w + 1 + 5
-        ncols = max(1, (width + 3) // (cell_w + 3))
-        nrows = -(-len(per_class) // ncols)
-        cells = [f"{n[:name_w]:<{name_w}} {_fmt(float(v))}" for n, v in per_class.items()]
         lines += ["", "Per-class IoU"]
-        for r in range(nrows):  # column-major: classes read top to bottom in trainId order
-            lines.append("   ".join(cells[c * nrows + r] for c in range(ncols) if c * nrows + r < len(cells)))
+        lines += per_class_columns({n: _fmt(float(v)) for n, v in per_class.items()}, width, max_name=14, gap=3)
     return "\n".join(lines)

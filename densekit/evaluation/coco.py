@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .table import per_class_columns
+
 __all__ = [
     "COCO_METRIC_NAMES",
     "CocoEvaluator",
@@ -242,16 +244,8 @@ def format_coco_table(metrics: Mapping[str, Any], width: int = 80) -> str:
         lines.append("  ".join(f"{_fmt(float(metrics[n])):>6}" for n in names))
     per_class = metrics.get("per_class_ap") or {}
     if per_class:
-        name_w = min(16, max(len(n) for n in per_class))
-        cell_w = name_w + 1 + 5
-        ncols = max(1, (width + 2) // (cell_w + 2))
-        nrows = -(-len(per_class) // ncols)
-        cells = [f"{n[:name_w]:<{name_w}} {_fmt(float(ap))}" for n, ap in per_class.items()]
-        lines.append("")
-        lines.append("Per-class AP@[.5:.95]")
-        # Column-major so the classes read top to bottom in their label order.
-        for r in range(nrows):
-            lines.append("  ".join(cells[c * nrows + r] for c in range(ncols) if c * nrows + r < len(cells)))
+        lines += ["", "Per-class AP@[.5:.95]"]
+        lines += per_class_columns({n: _fmt(float(ap)) for n, ap in per_class.items()}, width, max_name=16, gap=2)
     return "\n".join(lines)
 
 
