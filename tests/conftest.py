@@ -1,3 +1,31 @@
+import math
 import os
 
+import pytest
+import torch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights *and* BN statistics, scaled so activations stay O(1) through the whole network: a wrongly
+    mapped or folded BatchNorm cannot hide behind identity statistics, and an absolute tolerance means something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.dtype.is_floating_point:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) * 1.5 + 0.5)
+            elif name.endswith("running_mean") or name.endswith("bias"):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+            elif t.dim() == 1:  # BN weight, fusion weights
+                t.copy_(1.0 + torch.randn(t.shape, generator=gen) * 0.2)
+            else:  # He-normal conv weights
+                t.copy_(torch.randn(t.shape, generator=gen) * math.sqrt(2.0 / t[0].numel()))
+
+
+@pytest.fixture(scope="session")
+def randomise():
+    """``randomise(model, seed=0)``: see :func:`_randomise`."""
+    return _randomise

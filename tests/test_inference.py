@@ -5,7 +5,6 @@ a wrong fold); inputs stay at 128 px so the file runs in seconds on two CPU core
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -18,28 +17,10 @@ from densekit.inference import FoldedConvTower, fold_batchnorm
 RAW_TOL = 1e-4
 
 
-def randomise_(model: nn.Module, seed: int = 0) -> None:
-    """Random weights and BN statistics, scaled so activations stay O(1) through the whole network."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) * 1.5 + 0.5)
-            elif name.endswith("running_mean") or name.endswith("bias"):
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-            elif t.dim() == 1:  # BN weight, fusion weights
-                t.copy_(1.0 + torch.randn(t.shape, generator=gen) * 0.2)
-            else:  # He-normal: keeps the activation scale, so an absolute tolerance means something
-                fan_in = t[0].numel()
-                t.copy_(torch.randn(t.shape, generator=gen) * math.sqrt(2.0 / fan_in))
-
-
-def build(name: str) -> nn.Module:
+def build(name: str, randomise) -> nn.Module:
     torch.manual_seed(0)
     model = densekit.create_model(name).eval()
-    randomise_(model)
+    randomise(model)
     return model
 
 
@@ -75,8 +56,8 @@ def count(model: nn.Module, kind: type[nn.Module]) -> int:
 
 
 @pytest.fixture(scope="module")
-def d0() -> nn.Module:
-    return build("efficientdet_d0")
+def d0(randomise) -> nn.Module:
+    return build("efficientdet_d0", randomise)
 
 
 def test_efficientdet_d0_raw_and_detections_match(d0: nn.Module) -> None:
@@ -116,8 +97,8 @@ def test_original_training_mode_is_kept(d0: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", ["eseg_lite_s", "lraspp_mobilenet_v3_small"])
-def test_segmenters_match(name: str) -> None:
-    model = build(name)
+def test_segmenters_match(name: str, randomise) -> None:
+    model = build(name, randomise)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = images()
     fast = densekit.optimize_for_inference(model)

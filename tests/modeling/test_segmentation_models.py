@@ -24,27 +24,10 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def randomise_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights *and* BN statistics, scaled so activations stay finite through the whole network."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) * 1.5 + 0.5)
-            elif name.endswith("running_mean") or name.endswith("bias"):
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
-            elif t.dim() == 1:  # BN weight
-                t.copy_(1.0 + torch.randn(t.shape, generator=gen) * 0.2)
-            else:  # He-normal conv weights
-                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5)
-
-
 @pytest.fixture(scope="module")
-def torchvision_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def torchvision_checkpoint(tmp_path_factory: pytest.TempPathFactory, randomise) -> Path:
     tv = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
-    randomise_(tv)
+    randomise(tv)
     path = tmp_path_factory.mktemp("tv") / "lraspp.pth"
     torch.save(tv.state_dict(), path)
     return path
