@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.ops import box_iou, nms
+from torchvision.ops import batched_nms, box_iou, nms
 
 import densekit
 from densekit.modeling.anchors import AnchorGenerator
@@ -161,3 +161,26 @@ def test_topk_pairs_equals_a_full_sort(num_anchors: int, k: int) -> None:
     ref_values, ref_idx = logits.reshape(3, -1).topk(k, dim=1)
     values, idx = topk_pairs(logits, k)
     assert torch.equal(values, ref_values) and torch.equal(idx, ref_idx)
+
+
+def test_nms_on_a_score_prefix_equals_nms_on_all_candidates() -> None:
+    """Image 0 keeps its 20 detections within the first 80 candidates; image 1's candidates mostly suppress each
+    other (every box near one of 3 places), so its prefix has to widen to all 1000: both must equal full NMS."""
+    g = torch.Generator().manual_seed(0)
+    anchors = AnchorGenerator(3, 4, 1, [(1.0, 1.0)], 4.0)((128, 128))
+    n = anchors.shape[0]
+    logits = torch.randn(2, n, 5, generator=g) * 3
+    deltas = torch.randn(2, n, 4, generator=g) * 0.1
+    # Image 1: every anchor regresses onto one of three 40-px boxes (tiny jitter), so NMS keeps at most 3 x 5 boxes.
+    centres = torch.tensor([[30.0, 30.0], [64.0, 90.0], [100.0, 40.0]])[torch.arange(n) % 3]
+    target = torch.cat([centres - 20, centres + 20], 1) + torch.rand(n, 4, generator=g)
+    deltas[1] = BoxCoder().encode(target, anchors)
+    post = DetectionPostprocessor(BoxCoder(), pre_nms_top_k=1000, nms_iou=0.5, max_detections=20)
+    out = post(logits, deltas, anchors, [(128, 128)] * 2)
+    for b in range(2):
+        values, idx = logits[b].reshape(-1).topk(1000)
+        boxes = BoxCoder().decode(deltas[b, idx // 5], anchors[idx // 5]).clamp(0, 128)
+        keep = batched_nms(boxes, values.sigmoid(), idx % 5, 0.5)[:20]
+        torch.testing.assert_close(out[b]["boxes"], boxes[keep])
+        assert torch.equal(out[b]["labels"], idx[keep] % 5)
+    assert len(out[0]["scores"]) == 20 and len(out[1]["scores"]) <= 15
