@@ -135,10 +135,10 @@ def test_shared_conv_is_not_folded() -> None:
 def test_compile_failure_warns_and_returns_uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
 
-    def broken(self: nn.Module, *args: object, **kwargs: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(nn.Module, "compile", broken)
+    monkeypatch.setattr(torch, "compile", broken)
     x = torch.rand(1, 3, 8, 8)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         out = densekit.optimize_for_inference(model, compile=True, example_input=x)
@@ -147,3 +147,26 @@ def test_compile_failure_warns_and_returns_uncompiled(monkeypatch: pytest.Monkey
     with pytest.raises(RuntimeError, match="torch.compile failed"), warnings.catch_warnings():
         warnings.simplefilter("error")
         densekit.optimize_for_inference(model, compile=True, example_input=x, strict=True)
+
+
+@pytest.mark.parametrize("name", ["efficientdet_d0", "lraspp_mobilenet_v3_small"])
+def test_compiled_model_matches_eager(name: str, randomise) -> None:
+    """torch.compile with inductor freezing, through the model's compile targets (normalisation + network, and the
+    segmenter's upsample + argmax): the same raw outputs and predictions as the eager model, for tensor and list
+    inputs, while the original model stays eager."""
+    overrides = {"neck": {"repeats": 1}, "head": {"repeats": 1}} if name.startswith("efficientdet") else {}
+    torch.manual_seed(0)
+    model = densekit.create_model(name, **overrides).eval()
+    randomise(model)
+    x = images(batch=1)
+    fast = densekit.optimize_for_inference(model, compile=True, example_input=x, strict=True)
+    assert all(callable(getattr(fast, t)) and t in vars(fast) for t in fast.compile_targets)
+    assert not any(t in vars(model) for t in model.compile_targets)
+    with torch.inference_mode():
+        assert close_enough(model.forward_raw(x), fast.forward_raw(x))
+        eager, compiled = model(x), fast([x[0]])  # a list input goes through the same compiled function
+    if name.startswith("efficientdet"):
+        torch.testing.assert_close(eager[0]["scores"][:10], compiled[0]["scores"][:10], atol=RAW_TOL, rtol=0)
+        assert torch.equal(eager[0]["labels"][:10], compiled[0]["labels"][:10])
+    else:
+        assert (eager[0]["sem_seg"] != compiled[0]["sem_seg"]).float().mean().item() < 1e-3

@@ -1,30 +1,38 @@
-"""Latency of a densekit model, optionally side by side with efficientdet-pytorch's same model.
+"""Latency of a densekit model, optionally side by side with the reference implementation of the same model.
 
 Usage::
 
     python tools/benchmark.py model=efficientdet_d0 bench.iters=30
     python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.output=d0.json
-    python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.optimize=true
+    python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true \
+        bench.fold_bn=true bench.compile=true
+    python tools/benchmark.py model=lraspp_mobilenet_v3_large image_size=[1024,2048] bench.compare=true
 
 Two modes are timed under ``torch.inference_mode`` after ``bench.warmup`` untimed calls:
 
-* network: ``model.forward_raw(images)`` (input normalisation + backbone, BiFPN, head);
-* end-to-end: ``model(images)`` in eval mode (normalisation, network, box decoding, top-k, NMS).
+* network: ``model.forward_raw(images)`` (input normalisation + backbone, neck, head; a segmenter's logits are
+  upsampled to the input size);
+* end-to-end: ``model(images)`` in eval mode (normalisation, network, then box decoding, top-k and NMS, or the
+  per-pixel argmax).
 
-With ``bench.compare=true``, effdet's ``EfficientDet`` (network) and ``DetBenchPredict`` (end-to-end) run on the
-same input, pre-normalised outside the timed region because effdet expects a normalised input, with densekit's
-weights copied from effdet so that both do the same NMS work. All timed functions are called in turn within each
-iteration, so that a slow period of a shared machine hits every one of them alike.
+With ``bench.compare=true`` the reference implementation runs on the same input (pre-normalised outside the timed
+region, because effdet and torchvision expect a normalised input) with densekit's weights copied from it, so that
+both do the same work: effdet's ``EfficientDet`` / ``DetBenchPredict`` for EfficientDet models, torchvision's
+``lraspp_mobilenet_v3_large`` (``["out"]`` / its argmax) for LR-ASPP. All timed functions are called in turn within
+each iteration, so that a slow period of a shared machine hits every one of them alike.
 
-``bench.optimize=true`` times densekit's model after :func:`densekit.optimize_for_inference` (BN folded, channels_last
-as ``bench.channels_last``); effdet's side is unchanged. ``bench.precision=bf16`` runs every timed call, both sides,
-under ``torch.autocast`` with bfloat16.
+densekit's model goes through :func:`densekit.optimize_for_inference` with ``bench.fold_bn`` (BN folding),
+``bench.channels_last`` and ``bench.compile`` (torch.compile with inductor freezing). ``bench.channels_last`` applies
+to the reference too. With ``bench.compile=true`` and ``bench.compare=true`` the reference is timed twice, eager and
+compiled the same way (freezing), so one run gives both ratios. ``bench.precision=fp16|bf16`` runs every timed
+call, both sides, under ``torch.autocast``. A compile that fails is reported and the eager numbers still come out.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,11 +43,13 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 import densekit
-from densekit.utils import count_macs, count_parameters, effdet_counterpart, format_count
-from densekit.utils.benchmarking import device_description, stats, synchronizer, time_interleaved
+from densekit.inference import compile_frozen
+from densekit.utils import count_macs, count_parameters, format_count
+from densekit.utils.benchmarking import device_description, matmul_peak_gflops, stats, synchronizer, time_interleaved
+from densekit.utils.reference_models import NoReferenceError, reference_twin
 
 MODES = ("network", "end_to_end")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # the autocast dtype; None = no autocast
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # the autocast dtype; None = no autocast
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,39 +69,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         sys.exit(f"bench.device={name!r}: benchmarking supports cpu, cuda and mps")
     return device
-
-
-def effdet_twin(model: nn.Module, size: tuple[int, int]) -> tuple[nn.Module, nn.Module, str]:
-    """effdet's model for ``model`` with the same weights: (EfficientDet, DetBenchPredict, effdet name).
-
-    Exits with a message when the model has no effdet counterpart or the two architectures do not match (e.g.
-    after a config override that effdet's model does not have).
-    """
-    name = model.config.name
-    effdet_name = effdet_counterpart(name)
-    if effdet_name is None:
-        sys.exit(f"bench.compare=true: {name!r} has no efficientdet-pytorch counterpart (known: efficientdet_d0-d7x, "
-                 "efficientdet_lite0-4); run without bench.compare")
-    try:
-        from effdet import DetBenchPredict, EfficientDet, get_efficientdet_config
-    except ImportError:
-        sys.exit("bench.compare=true needs efficientdet-pytorch: pip install effdet")
-    from densekit.modeling.checkpoint_io import CheckpointError, load_state_dict_checked
-    from densekit.modeling.weights import convert_effdet
-
-    cfg = get_efficientdet_config(effdet_name)
-    cfg.num_classes = model.config.num_classes
-    cfg.image_size = list(size)  # DetBenchPredict makes its anchors for this size
-    ref = EfficientDet(cfg, pretrained_backbone=False)
-    ours_n, ref_n = count_parameters(model), count_parameters(ref)
-    if ours_n != ref_n:  # the short answer for the common case, an architecture override effdet's model lacks
-        sys.exit(f"bench.compare=true: densekit's {name} as configured has {ours_n:,} parameters, effdet's "
-                 f"{effdet_name} {ref_n:,}: not the same model (drop the architecture overrides to compare)")
-    try:
-        load_state_dict_checked(model, convert_effdet(ref.state_dict(), len(model.backbone.feature_specs)), effdet_name)
-    except CheckpointError as err:
-        sys.exit(f"bench.compare=true: densekit's {name} (with the given overrides) is not effdet's {effdet_name}:\n{err}")
-    return ref, DetBenchPredict(ref), effdet_name
 
 
 def input_size(value: object, default: list[int]) -> tuple[int, int]:
@@ -122,83 +99,130 @@ def run(cfg: DictConfig) -> dict:
         "device": str(device),
         "device_name": device_description(device),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "batch_size": b.batch_size,
         "image_size": list(size),
         "channels_last": bool(b.channels_last),
-        "optimize": bool(b.optimize),
+        "fold_bn": bool(b.fold_bn),
+        "compile": bool(b.compile),
         "precision": str(b.precision),
         "warmup": b.warmup,
         "iters": b.iters,
         "params": count_parameters(model),
+        "notes": [],
     }
     fmt = torch.channels_last if b.channels_last else torch.contiguous_format
     images = torch.rand(b.batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
     images = images.to(device).contiguous(memory_format=fmt)
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     fns: dict[str, Callable[[], object]] = {}
+    macs: dict[str, int] = {"densekit": count_macs(model, size)}
     if b.compare:
-        ref, ref_bench, result["effdet_model"] = effdet_twin(model, size)
-        mean, std = model.pixel_mean.cpu(), model.pixel_std.cpu()
-        ref_images = ((images.cpu() - mean) / std).to(device).contiguous(memory_format=fmt)
-        img_info = {  # so that effdet clips boxes to the image as densekit does
-            "img_scale": torch.ones(b.batch_size, device=device),
-            "img_size": torch.tensor([[size[1], size[0]]] * b.batch_size, device=device),
-        }
-        ref_bench = ref_bench.to(device, memory_format=fmt).eval()
-        fns["effdet/network"] = lambda: ref(ref_images)
-        fns["effdet/end_to_end"] = lambda: ref_bench(ref_images, img_info)
+        try:  # before optimising: the twin's weights are loaded into the plain model
+            ref = reference_twin(model, size, b.batch_size)
+        except NoReferenceError as err:
+            sys.exit(f"bench.compare=true: {err}")
+        result["reference"] = {"implementation": ref.label, "model": ref.name}
+        macs[ref.label] = count_macs(ref.network, size)
+        ref_images = ((images.cpu() - model.pixel_mean) / model.pixel_std).to(device).contiguous(memory_format=fmt)
+        ref_net = ref.network.to(device, memory_format=fmt)
+        ref_e2e = ref.end_to_end.to(device, memory_format=fmt)
+        fns[f"{ref.label}/network"] = lambda: ref_net(ref_images)
+        fns[f"{ref.label}/end_to_end"] = lambda: ref_e2e(ref_images)
+        if b.compile:
+            compiled = _compile_reference(ref_net, ref_e2e, ref_images, amp, result["notes"], ref.label)
+            if compiled is not None:
+                c_net, c_e2e = compiled
+                macs[f"{ref.label}+compile"] = macs[ref.label]
+                fns[f"{ref.label}+compile/network"] = lambda: c_net(ref_images)
+                fns[f"{ref.label}+compile/end_to_end"] = lambda: c_e2e(ref_images)
     model = model.to(device, memory_format=fmt)
-    if b.optimize:  # after effdet_twin, which loads effdet's weights into the unoptimised model
-        model = densekit.optimize_for_inference(model, channels_last=bool(b.channels_last))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        model = densekit.optimize_for_inference(
+            model, channels_last=bool(b.channels_last), fold_bn=bool(b.fold_bn), compile=bool(b.compile),
+            example_input=images if b.compile else None,
+        )
+    result["notes"] += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    result["densekit_compiled"] = bool(b.compile) and all(t in vars(model) for t in model.compile_targets)
     fns["densekit/network"] = lambda: model.forward_raw(images)
     fns["densekit/end_to_end"] = lambda: model(images)
     # A fixed order within each iteration: densekit first, network before end-to-end (also the report's order).
-    fns = {key: fns[key] for key in sorted(fns, key=lambda k: (k.split("/")[0], MODES.index(k.split("/")[1])))}
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    with torch.inference_mode(), amp:
+    order = ["densekit"] + sorted({k.split("/")[0] for k in fns} - {"densekit"})
+    fns = {k: fns[k] for k in sorted(fns, key=lambda k: (order.index(k.split("/")[0]), MODES.index(k.split("/")[1])))}
+    with torch.inference_mode(), amp():
         times = time_interleaved(fns, b.warmup, b.iters, synchronizer(device))
-    # Counted after timing: the meta-device copy then inherits the model's already-logged padding notice (once).
-    result["macs_per_image"] = count_macs(model, size)
-    if b.compare:
-        result["effdet_macs_per_image"] = count_macs(ref, size)
+    result["macs_per_image"] = macs["densekit"]
+    if b.matmul_peak:
+        result["matmul_peak_gflops"] = matmul_peak_gflops(device, amp_dtype or torch.float32)
     result["results"] = {}
     for key, t in times.items():
         impl, mode = key.split("/")
+        entry = stats(t, b.batch_size)
+        if mode == "network":  # achieved throughput: 2 FLOPs per multiply-add, over the median time
+            entry["gflops"] = 2 * macs[impl] * b.batch_size / (entry["median_ms"] * 1e6)
         # Raw times too: on a shared machine the spread says whether the summary statistics can be trusted.
-        result["results"].setdefault(impl, {})[mode] = {**stats(t, b.batch_size), "times_ms": [x * 1000.0 for x in t]}
-    if b.compare:
-        ours, theirs = result["results"]["densekit"], result["results"]["effdet"]
-        result["ratio_densekit_over_effdet"] = {
-            mode: {k: ours[mode][k] / theirs[mode][k] for k in ("mean_ms", "median_ms")} for mode in MODES
-        }
+        result["results"].setdefault(impl, {})[mode] = {**entry, "times_ms": [x * 1000.0 for x in t]}
+    ours = result["results"]["densekit"]
+    result["ratios"] = {  # densekit over each reference row, by mode
+        impl: {mode: {k: ours[mode][k] / res[mode][k] for k in ("mean_ms", "median_ms")} for mode in MODES}
+        for impl, res in result["results"].items() if impl != "densekit"
+    }
     return result
+
+
+def _compile_reference(
+    network: nn.Module, end_to_end: nn.Module, images: torch.Tensor, amp: Callable, notes: list[str], label: str
+) -> tuple[nn.Module, nn.Module] | None:
+    """The reference's two modules compiled with inductor freezing (compiled now), or None with a note on failure."""
+    try:
+        compiled = compile_frozen(network), compile_frozen(end_to_end)
+        with torch.inference_mode(), amp():
+            for fn in compiled:
+                fn(images)
+    except Exception as err:  # noqa: BLE001 - dynamo / inductor raise many types; all mean "not compiled"
+        notes.append(f"{label} could not be compiled ({type(err).__name__}: {err}); timed eager only")
+        return None
+    return compiled
 
 
 def report(r: dict) -> str:
     """The printed form of :func:`run`'s results."""
     h, w = r["image_size"]
+    ref = r.get("reference")
+    steps = [name for name, on in (("BN folded", r["fold_bn"]), ("channels_last", r["channels_last"])) if on]
+    if r["compile"]:
+        steps.append("torch.compile (inductor freezing)" if r["densekit_compiled"] else "compile FAILED: eager")
+    versions = f"torch {r['torch']}" + (f", CUDA {r['cuda']}" if r.get("cuda") else "")
     lines = [
-        f"device    {r['device']} ({r['device_name']})",
-        f"torch     {r['torch']}",
-        f"model     {r['model']}" + (f"  vs effdet {r['effdet_model']}" if "effdet_model" in r else ""),
+        f"device    {r['device']} ({r['device_name']}), {versions}",
+        f"model     {r['model']}" + (f"  vs {ref['implementation']} {ref['model']}" if ref else ""),
         f"input     {r['batch_size']}x3x{h}x{w} {r['precision']}, "
         + ("channels_last" if r["channels_last"] else "contiguous (NCHW)"),
-        f"densekit  {'optimize_for_inference (BN folded)' if r['optimize'] else 'as built'}",
-        f"params    {r['params']:,}   MACs/image {format_count(r['macs_per_image'])}"
-        + (f" (effdet {format_count(r['effdet_macs_per_image'])})" if "effdet_macs_per_image" in r else ""),
+        f"densekit  {', '.join(steps) if steps else 'as built (eager)'}",
+        f"params    {r['params']:,}   MACs/image {format_count(r['macs_per_image'])}",
         f"timing    {r['warmup']} warm-up + {r['iters']} timed calls each, interleaved",
-        "",
-        f"{'':<10}{'mode':<12}{'mean ms':>9}{'median ms':>11}{'p90 ms':>9}{'FPS':>8}",
     ]
+    if "matmul_peak_gflops" in r:
+        lines.append(f"matmul    measured peak {r['matmul_peak_gflops']:.0f} GFLOP/s ({r['precision']})")
+    lines += ["", f"{'':<20}{'mode':<12}{'mean ms':>9}{'median ms':>11}{'p90 ms':>9}{'FPS':>8}{'GFLOP/s':>9}"]
     for impl, modes in r["results"].items():
         for mode, s in modes.items():
+            gflops = f"{s['gflops']:>9.0f}" if "gflops" in s else ""
             lines.append(
-                f"{impl:<10}{mode:<12}{s['mean_ms']:>9.2f}{s['median_ms']:>11.2f}{s['p90_ms']:>9.2f}{s['fps']:>8.1f}"
+                f"{impl:<20}{mode:<12}{s['mean_ms']:>9.2f}{s['median_ms']:>11.2f}{s['p90_ms']:>9.2f}{s['fps']:>8.1f}{gflops}"
             )
-    if "ratio_densekit_over_effdet" in r:
+    if "matmul_peak_gflops" in r:
+        net = r["results"]["densekit"]["network"]
+        lines.append(f"densekit network: {100 * net['gflops'] / r['matmul_peak_gflops']:.0f}% of the matmul peak")
+    e2e, net = r["results"]["densekit"]["end_to_end"]["median_ms"], r["results"]["densekit"]["network"]["median_ms"]
+    lines.append(f"densekit end-to-end overhead (pre + post-processing): {e2e - net:.2f} ms, {100 * (e2e - net) / net:.0f}% of the network")
+    for impl, ratios in r["ratios"].items():
         lines.append("")
-        for mode, ratio in r["ratio_densekit_over_effdet"].items():
-            lines.append(f"densekit / effdet, {mode:<11} mean {ratio['mean_ms']:.3f}x   median {ratio['median_ms']:.3f}x")
+        for mode, ratio in ratios.items():
+            lines.append(f"densekit / {impl}, {mode:<11} mean {ratio['mean_ms']:.3f}x   median {ratio['median_ms']:.3f}x")
+    lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
 

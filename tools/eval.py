@@ -21,6 +21,7 @@ from densekit.engine import distributed as dist_utils
 from densekit.engine.checkpoint import load_checkpoint
 from densekit.engine.tasks import build_dataset, check_model_fits_task, make_evaluate, num_classes_of
 from densekit.engine.trainer import atomic_save_json
+from densekit.inference import optimize_for_inference
 from densekit.modeling.build import build_model
 from densekit.modeling.checkpoint_io import read_state_dict
 from densekit.modeling.weights import load_state_dict_any
@@ -60,6 +61,10 @@ def evaluate(cfg: DictConfig) -> dict:
     else:
         what = "random weights"
     model.to(device)
+    if cfg.eval.fold_bn or cfg.eval.channels_last or cfg.eval.compile:
+        model = optimize_for_inference(
+            model, channels_last=cfg.eval.channels_last, fold_bn=cfg.eval.fold_bn, compile=cfg.eval.compile
+        )
     loader = build_loader(dataset, cfg.eval.batch_size, train=False, num_workers=cfg.eval.num_workers, distributed=world_size > 1)
     log.info("evaluating %s (%s) on %s", cfg.model.name, what, dataset)
     metrics = make_evaluate(cfg, dataset, loader, device, out_dir)(model)

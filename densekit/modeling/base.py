@@ -29,6 +29,10 @@ class DenseModel(nn.Module):
         pixel_std: Per-channel standard deviation of inputs in [0, 1].
     """
 
+    #: The methods :func:`densekit.optimize_for_inference` compiles: pure tensor functions of a stacked batch (input
+    #: normalisation and padding included), with data-dependent work (NMS, per-image cropping) left outside.
+    compile_targets: tuple[str, ...] = ("_network",)
+
     def __init__(self, backbone: Backbone, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> None:
         super().__init__()
         self.backbone = backbone
@@ -40,32 +44,49 @@ class DenseModel(nn.Module):
 
     def preprocess(self, images: Images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Normalise and pad a batch; returns it with each image's ``(H, W)`` before padding."""
+        batch, sizes = self.stack_images(images)
+        return self.normalize_and_pad(batch), sizes
+
+    def stack_images(self, images: Images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Check ``images`` and stack a list into one zero-padded batch; returns it with each image's ``(H, W)``.
+
+        Validation and list handling stay out of :meth:`normalize_and_pad`, which is pure tensor work and so can be
+        compiled into the network (:func:`densekit.optimize_for_inference`).
+        """
         if isinstance(images, torch.Tensor):
             if images.dim() != 4 or images.shape[1] != 3:
                 raise ValueError(f"expected images of shape [B, 3, H, W], got {list(images.shape)}")
-            sizes = [tuple(images.shape[-2:])] * images.shape[0]
-            batch = images
-        else:
-            if len(images) == 0:
-                raise ValueError("expected at least one image")
-            for i, img in enumerate(images):
-                if img.dim() != 3 or img.shape[0] != 3:
-                    raise ValueError(f"image {i}: expected shape [3, H, W], got {list(img.shape)}")
-            sizes = [tuple(img.shape[-2:]) for img in images]
-            h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
-            batch = images[0].new_zeros((len(images), 3, h, w))
-            for img, dst in zip(images, batch):
-                dst[:, : img.shape[1], : img.shape[2]].copy_(img)
+            return images, [(int(images.shape[-2]), int(images.shape[-1]))] * images.shape[0]
+        if len(images) == 0:
+            raise ValueError("expected at least one image")
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"image {i}: expected shape [3, H, W], got {list(img.shape)}")
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        batch = images[0].new_zeros((len(images), 3, h, w))
+        for img, dst in zip(images, batch):
+            dst[:, : img.shape[1], : img.shape[2]].copy_(img)
+        return batch, sizes
+
+    def normalize_and_pad(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [0, 1] (or uint8) -> normalised and padded to a multiple of ``size_divisor``."""
         if batch.dtype == torch.uint8:
             batch = batch.float() / 255.0
-        batch = (batch - self.pixel_mean) / self.pixel_std
+        # One fused multiply-add pass over the image instead of a subtraction and a division.
+        batch = torch.addcmul(-self.pixel_mean / self.pixel_std, batch, 1.0 / self.pixel_std)
         # Padding happens after normalisation, so padded pixels are zeros of the normalised input, as in effdet.
         h, w = batch.shape[-2:]
-        d = self.size_divisor
-        pad_h, pad_w = -h % d, -w % d
+        padded_h, padded_w = self.padded_size((h, w))
+        pad_h, pad_w = padded_h - h, padded_w - w
         if pad_h or pad_w:
-            if (h, w) not in self._warned_sizes:
+            if (h, w) not in self._warned_sizes and not torch.compiler.is_compiling():
                 self._warned_sizes.add((h, w))
-                log.info("input %dx%d is not a multiple of %d: padded to %dx%d", h, w, d, h + pad_h, w + pad_w)
+                log.info("input %dx%d is not a multiple of %d: padded to %dx%d", h, w, self.size_divisor, h + pad_h, w + pad_w)
             batch = F.pad(batch, (0, pad_w, 0, pad_h))
-        return batch, [(int(a), int(b)) for a, b in sizes]
+        return batch
+
+    def padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The ``(H, W)`` a batch of size ``size`` has after :meth:`normalize_and_pad`."""
+        d = self.size_divisor
+        return -(-int(size[0]) // d) * d, -(-int(size[1]) // d) * d

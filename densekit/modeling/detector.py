@@ -52,25 +52,25 @@ class EfficientDet(DenseModel):
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def _features(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        features = list(self.backbone(batch).values())
+    def _network(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A stacked, unnormalised batch -> per-level head outputs: normalise, pad, backbone, BiFPN, head."""
+        features = list(self.backbone(self.normalize_and_pad(batch)).values())
         return self.head(self.neck(features))
 
     def forward_raw(self, images: Images) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-level class logits and box regressions (see the class docstring)."""
-        batch, _ = self.preprocess(images)
-        return self._features(batch)
+        return self._network(self.stack_images(images)[0])
 
     def forward(self, images: Images, targets: list[dict[str, torch.Tensor]] | None = None):
-        batch, sizes = self.preprocess(images)
+        batch, sizes = self.stack_images(images)
         if self.training:  # check targets before spending a forward pass on them
             if targets is None:
                 raise ValueError("in training mode the model needs targets: a list of {'boxes', 'labels'} per image")
             gt_boxes, gt_labels = self._pad_targets(targets, batch.shape[0], batch.device)
-        cls_out, box_out = self._features(batch)
+        cls_out, box_out = self._network(batch)
         cls_logits = flatten_levels(cls_out, self.num_classes)
         box_deltas = flatten_levels(box_out, 4)
-        anchors = self.anchor_generator(batch.shape[-2:], batch.device)
+        anchors = self.anchor_generator(self.padded_size(batch.shape[-2:]), batch.device)
         if self.training:
             return self.loss(cls_logits, box_deltas, self.matcher(anchors, gt_boxes, gt_labels))
         return self.postprocessor(cls_logits, box_deltas, anchors, sizes)

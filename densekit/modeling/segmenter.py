@@ -110,42 +110,53 @@ class Segmenter(DenseModel):
     def ignore_index(self) -> int:
         return self.loss.ignore_index
 
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class logits of a preprocessed batch, upsampled to its (padded) size."""
+    def _upsampled_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """A stacked, unnormalised batch -> class logits at its padded size."""
+        batch = self.normalize_and_pad(batch)
         features = list(self.backbone(batch).values())
         if self.neck is not None:
             features = self.neck(features)
         logits = self.head(features)
         return F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
 
+    # The two compile targets (see DenseModel.compile_targets): logits, and label maps, so that a compiled model
+    # fuses the full-resolution upsampling with the argmax instead of writing the [B, C, H, W] logits out.
+    def _network(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._upsampled_logits(batch)
+
+    def _predict(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._upsampled_logits(batch).argmax(1)
+
+    compile_targets = ("_network", "_predict")
+
     def forward_raw(self, images: Images) -> torch.Tensor:
         """Class logits ``[B, C, H, W]`` at the input resolution (see the class docstring)."""
-        batch, sizes = self.preprocess(images)
+        batch, sizes = self.stack_images(images)
         h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        return self._logits(batch)[..., :h, :w]
+        return self._network(batch)[..., :h, :w]
 
     def forward(
         self, images: Images, targets: list[dict[str, torch.Tensor]] | None = None
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Losses in training mode, per-image label maps in eval mode (see the class docstring)."""
-        batch, sizes = self.preprocess(images)
+        batch, sizes = self.stack_images(images)
         if self.training:  # check targets before spending a forward pass on them
             if targets is None:
                 raise ValueError("in training mode the model needs targets: a list of {'sem_seg': LongTensor [H, W]}")
-            target = self._stack_targets(targets, sizes, batch)
-        logits = self._logits(batch)
-        if self.training:
-            return {"loss_seg": self.loss(logits, target)}
-        # argmax over a view of each image's unpadded region: one label map per image, no logits copied.
-        return [{"sem_seg": logits[i, :, :h, :w].argmax(0)} for i, (h, w) in enumerate(sizes)]
+            target = self._stack_targets(targets, sizes, self.padded_size(batch.shape[-2:]), batch.device)
+            return {"loss_seg": self.loss(self._network(batch), target)}
+        # argmax is per pixel: one label map for the padded batch, then a view of each image's own region.
+        labels = self._predict(batch)
+        return [{"sem_seg": labels[i, :h, :w]} for i, (h, w) in enumerate(sizes)]
 
     def _stack_targets(
-        self, targets: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]], batch: torch.Tensor
+        self, targets: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]], padded: tuple[int, int],
+        device: torch.device,
     ) -> torch.Tensor:
         """One ``[B, H, W]`` label tensor for the padded batch; padding is ``ignore_index``."""
         if len(targets) != len(sizes):
             raise ValueError(f"got {len(targets)} targets for {len(sizes)} images")
-        out = torch.full((len(sizes), *batch.shape[-2:]), self.ignore_index, dtype=torch.long, device=batch.device)
+        out = torch.full((len(sizes), *padded), self.ignore_index, dtype=torch.long, device=device)
         for i, (t, (h, w)) in enumerate(zip(targets, sizes)):
             sem = t["sem_seg"]
             if tuple(sem.shape) != (h, w):

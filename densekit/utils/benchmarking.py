@@ -66,3 +66,23 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, iters: i
             sync()
             times[key].append(time.perf_counter() - start)
     return times
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0) -> float:
+    """The machine's practical compute ceiling: the best GFLOP/s of square ``size`` matmuls over about ``seconds``.
+
+    Convolutions lower to the same GEMM kernels (oneDNN / cuBLAS), so a network's achieved GFLOP/s over this figure
+    says how much of the hardware it uses.
+    """
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = synchronizer(device)
+    torch.mm(a, b)  # warm-up: library initialisation, kernel selection
+    sync()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9

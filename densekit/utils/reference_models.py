@@ -1,0 +1,141 @@
+"""The implementations users would otherwise pick, built as twins of a densekit model for side-by-side benchmarks.
+
+A twin has the same architecture and the same weights as the densekit model (the weights are copied *from* the
+reference into densekit, through the same converters ``weights=`` uses), so both compute the same outputs and, for
+detectors, post-process the same candidates:
+
+* EfficientDet / EfficientDet-Lite: efficientdet-pytorch (``effdet``) ``EfficientDet`` (network) and
+  ``DetBenchPredict`` (end to end: anchors, top-k, decoding, NMS);
+* LR-ASPP MobileNetV3-Large: torchvision's ``lraspp_mobilenet_v3_large`` (network: its ``"out"`` logits at the
+  input resolution; end to end: their argmax).
+
+References take an input that is already normalised (neither effdet nor torchvision normalises inside the model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..modeling.checkpoint_io import CheckpointError, load_state_dict_checked
+from .complexity import count_parameters
+from .reference import effdet_counterpart
+
+#: densekit models with a torchvision segmentation twin (torchvision has no LR-ASPP on MobileNetV3-Small).
+TORCHVISION_SEGMENTERS = {"lraspp_mobilenet_v3_large": "lraspp_mobilenet_v3_large"}
+
+
+class NoReferenceError(ValueError):
+    """The model has no reference twin, or the reference's architecture differs from the configured model."""
+
+
+@dataclass
+class ReferenceModel:
+    """A reference implementation of a densekit model, with the densekit model's weights.
+
+    Attributes:
+        label: Short name for tables ("effdet", "torchvision").
+        name: The reference's own model name.
+        network: Module mapping a normalised ``[B, 3, H, W]`` batch to the raw network outputs.
+        end_to_end: Module mapping the same batch to final predictions (detections / label maps).
+    """
+
+    label: str
+    name: str
+    network: nn.Module
+    end_to_end: nn.Module
+
+
+class _EffdetPredict(nn.Module):
+    """``DetBenchPredict`` with a fixed ``img_info`` that makes effdet clip boxes to the image, as densekit does."""
+
+    def __init__(self, model: nn.Module, batch: int, size: tuple[int, int]) -> None:
+        super().__init__()
+        from effdet import DetBenchPredict
+
+        self.bench = DetBenchPredict(model)
+        self.register_buffer("img_scale", torch.ones(batch), persistent=False)
+        self.register_buffer("img_size", torch.tensor([[size[1], size[0]]] * batch), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bench(x, {"img_scale": self.img_scale, "img_size": self.img_size})
+
+
+class _SegmentationOut(nn.Module):
+    """torchvision's segmentation model -> its ``"out"`` logits, or their per-pixel argmax."""
+
+    def __init__(self, model: nn.Module, argmax: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.argmax = argmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)["out"]
+        return out.argmax(1) if self.argmax else out
+
+
+def reference_twin(model: nn.Module, size: tuple[int, int], batch: int) -> ReferenceModel:
+    """The reference implementation of ``model`` at input ``size`` (H, W) and ``batch``, sharing its weights.
+
+    ``model`` (a densekit model on the CPU, not yet optimised) receives the reference's freshly initialised
+    weights. Raises :class:`NoReferenceError` with the reason when there is no twin.
+    """
+    name = model.config.name
+    if getattr(model.config, "arch", None) == "segmenter":
+        return _torchvision_twin(model, name)
+    return _effdet_twin(model, name, size, batch)
+
+
+def _check_and_load(model: nn.Module, ref: nn.Module, state: dict[str, torch.Tensor], ref_name: str) -> None:
+    name = model.config.name
+    ours_n, ref_n = count_parameters(model), count_parameters(ref)
+    if ours_n != ref_n:  # the short answer for the common case, an architecture override the reference lacks
+        raise NoReferenceError(
+            f"densekit's {name} as configured has {ours_n:,} parameters, {ref_name} {ref_n:,}: not the same model "
+            "(drop the architecture overrides to compare)"
+        )
+    try:
+        load_state_dict_checked(model, state, ref_name)
+    except CheckpointError as err:
+        raise NoReferenceError(f"densekit's {name} (with the given overrides) is not {ref_name}:\n{err}") from err
+
+
+def _effdet_twin(model: nn.Module, name: str, size: tuple[int, int], batch: int) -> ReferenceModel:
+    effdet_name = effdet_counterpart(name)
+    if effdet_name is None:
+        raise NoReferenceError(
+            f"{name!r} has no reference implementation (known: efficientdet_d0-d7x and efficientdet_lite0-4 in "
+            f"efficientdet-pytorch, {', '.join(TORCHVISION_SEGMENTERS)} in torchvision)"
+        )
+    try:
+        from effdet import EfficientDet, get_efficientdet_config
+    except ImportError as err:
+        raise NoReferenceError("comparing with effdet needs efficientdet-pytorch: pip install effdet") from err
+    from ..modeling.weights import convert_effdet
+
+    cfg = get_efficientdet_config(effdet_name)
+    cfg.num_classes = model.config.num_classes
+    cfg.image_size = list(size)  # DetBenchPredict makes its anchors for this size
+    ref = EfficientDet(cfg, pretrained_backbone=False).eval()
+    state = convert_effdet(ref.state_dict(), len(model.backbone.feature_specs))
+    _check_and_load(model, ref, state, f"effdet's {effdet_name}")
+    return ReferenceModel("effdet", effdet_name, ref, _EffdetPredict(ref, batch, size).eval())
+
+
+def _torchvision_twin(model: nn.Module, name: str) -> ReferenceModel:
+    tv_name = TORCHVISION_SEGMENTERS.get(name)
+    if tv_name is None:
+        raise NoReferenceError(
+            f"{name!r} has no reference implementation (torchvision's segmentation models cover "
+            f"{', '.join(TORCHVISION_SEGMENTERS)}; effdet covers the EfficientDet family)"
+        )
+    from torchvision.models import segmentation
+
+    from ..modeling.weights import convert_torchvision_lraspp
+
+    ref = getattr(segmentation, tv_name)(weights=None, weights_backbone=None, num_classes=model.num_classes).eval()
+    _check_and_load(model, ref, convert_torchvision_lraspp(ref.state_dict()), f"torchvision's {tv_name}")
+    return ReferenceModel(
+        "torchvision", tv_name, _SegmentationOut(ref, argmax=False).eval(), _SegmentationOut(ref, argmax=True).eval()
+    )

@@ -1,0 +1,114 @@
+"""tools/benchmark.py: both references (effdet, torchvision), the JSON it writes, and its behaviour on bad input.
+
+Timings are never asserted (a shared 2-core machine); the tests check what is timed, what is reported, and that
+failures say why. Tiny settings: 1-2 timed calls, small inputs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+pytest.importorskip("effdet")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(*overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "tools/benchmark.py", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def check_rows(result: dict, impls: tuple[str, ...]) -> None:
+    assert tuple(result["results"]) == impls
+    for impl in impls:
+        for mode in ("network", "end_to_end"):
+            stats = result["results"][impl][mode]
+            for key in ("mean_ms", "median_ms", "p90_ms", "fps"):
+                assert stats[key] > 0, (impl, mode, key)
+            assert len(stats["times_ms"]) == result["iters"]
+        assert result["results"][impl]["network"]["gflops"] > 0
+    for impl in impls[1:]:
+        for mode in ("network", "end_to_end"):
+            ratio = result["ratios"][impl][mode]["median_ms"]
+            expected = result["results"]["densekit"][mode]["median_ms"] / result["results"][impl][mode]["median_ms"]
+            assert ratio == pytest.approx(expected)
+
+
+def test_compares_with_effdet_and_writes_json(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    proc = run_benchmark(
+        "model=efficientdet_lite0", "bench.iters=2", "bench.warmup=1", "bench.compare=true", "bench.fold_bn=true",
+        "bench.channels_last=true", f"bench.output={output}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(output.read_text())
+    assert result["model"] == "efficientdet_lite0" and result["image_size"] == [320, 320]
+    assert result["reference"] == {"implementation": "effdet", "model": "tf_efficientdet_lite0"}
+    assert result["params"] == 3_243_470 and result["macs_per_image"] > 0
+    assert result["fold_bn"] and result["channels_last"] and not result["densekit_compiled"]
+    assert result["matmul_peak_gflops"] > 0
+    check_rows(result, ("densekit", "effdet"))
+    for text in ("BN folded, channels_last", "vs effdet tf_efficientdet_lite0", "% of the matmul peak", "overhead"):
+        assert text in proc.stdout
+
+
+def test_lraspp_compares_with_torchvision(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    proc = run_benchmark(
+        "model=lraspp_mobilenet_v3_large", "image_size=[128,256]", "bench.iters=1", "bench.warmup=0",
+        "bench.compare=true", "bench.matmul_peak=false", f"bench.output={output}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(output.read_text())
+    assert result["reference"] == {"implementation": "torchvision", "model": "lraspp_mobilenet_v3_large"}
+    assert "matmul_peak_gflops" not in result
+    check_rows(result, ("densekit", "torchvision"))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["bench.device=tpu"], "is not a device"),
+        (["bench.precision=fp8"], "choose one of fp32, fp16, bf16"),
+        (["model.name=mine"], "no reference implementation"),
+        (["model=lraspp_mobilenet_v3_small"], "no reference implementation"),
+        (["model=efficientdet_d0", "model.neck.channels=32"], "not the same model"),
+    ],
+)
+def test_refuses_clearly(overrides: list[str], message: str) -> None:
+    proc = run_benchmark("bench.compare=true", "bench.iters=1", *overrides)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_failed_compile_is_reported_and_eager_times_still_come_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no C++ compiler on this machine")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("benchmark", overrides=[
+            "model=efficientdet_lite0", "image_size=128", "bench.iters=1", "bench.warmup=0", "bench.compare=true",
+            "bench.compile=true", "bench.matmul_peak=false",
+        ])
+    result = tool.run(cfg)
+    assert result["compile"] and not result["densekit_compiled"]
+    assert tuple(result["results"]) == ("densekit", "effdet")  # no effdet+compile rows, the eager ones remain
+    notes = " | ".join(result["notes"])
+    assert "torch.compile failed (RuntimeError: no C++ compiler" in notes
+    assert "effdet could not be compiled (RuntimeError: no C++ compiler" in notes
+    assert "compile FAILED" in tool.report(result)
