@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -171,9 +171,26 @@ def optimize_for_inference(
     return out
 
 
-def compile_frozen(fn):
-    """``torch.compile(fn)`` with inductor freezing and static shapes, the configuration the benchmark times."""
-    return torch.compile(fn, dynamic=False, options={"freezing": True})
+def compile_frozen(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` with inductor freezing and static shapes, the configuration the benchmark times.
+
+    Freezing turns weights into constants, so that inductor pre-packs convolution weights for oneDNN and fuses the
+    following pointwise ops (bias, ReLU, hardswish, ...) into the convolution. Dynamo reads the switch while it
+    traces (at the first call and at every recompile), so each call runs with it on; it is not set globally, which
+    would freeze every other model the process compiles. ``torch.compile(options={"freezing": True})`` is not
+    enough: measured on LR-ASPP at 512x1024, it left unfused ``aten::mkldnn_convolution`` calls (74 ms) where
+    this gives pre-packed, fused ``mkldnn::_convolution_pointwise`` (56 ms).
+    Calls must run without autograd (``torch.inference_mode`` / ``no_grad``), as freezing requires.
+    """
+    from torch._inductor import config
+
+    compiled = torch.compile(fn, dynamic=False)
+
+    def call(*args: object, **kwargs: object) -> object:
+        with config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def _compile(model: nn.Module, example_input: torch.Tensor | None, channels_last: bool, strict: bool) -> nn.Module:
@@ -185,8 +202,8 @@ def _compile(model: nn.Module, example_input: torch.Tensor | None, channels_last
             for name in targets:
                 # The class's own method bound to this model; the compiled function then shadows it on the instance.
                 setattr(model, name, compile_frozen(getattr(type(model), name).__get__(model)))
-        else:
-            model = compile_frozen(model)
+        else:  # an instance attribute: the module stays a module, and nn.Module.__call__ finds it
+            model.forward = compile_frozen(model.forward)
         if example_input is not None:
             x = example_input.contiguous(memory_format=torch.channels_last) if channels_last else example_input
             with torch.inference_mode():

@@ -170,3 +170,26 @@ def test_compiled_model_matches_eager(name: str, randomise) -> None:
         assert torch.equal(eager[0]["labels"][:10], compiled[0]["labels"][:10])
     else:
         assert (eager[0]["sem_seg"] != compiled[0]["sem_seg"]).float().mean().item() < 1e-3
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's fused convolutions need mkldnn")
+def test_compile_frozen_fuses_the_activation_into_a_prepacked_convolution() -> None:
+    """Freezing must reach inductor's CPU weight-packing pass (``options={"freezing": True}`` did not): the compiled
+    call runs oneDNN's fused conv + ReLU, and still computes the module's output."""
+    from torch.profiler import profile
+
+    from densekit.inference import compile_frozen
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    compiled = compile_frozen(model)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        compiled(x)
+        with profile() as prof:
+            y = compiled(x)
+        expected = model(x)
+    ops = {event.key for event in prof.key_averages()}
+    assert any("_convolution_pointwise" in op for op in ops), sorted(ops)
+    assert "aten::relu" not in ops and "aten::mkldnn_convolution" not in ops
+    assert max_diff(y, expected) < 1e-5
