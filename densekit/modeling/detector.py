@@ -12,7 +12,7 @@ from .heads.efficientdet import EfficientDetHead
 from .losses import DetectionLoss
 from .matcher import ArgMaxMatcher
 from .necks.bifpn import BiFPN
-from .postprocess import DetectionPostprocessor, flatten_levels
+from .postprocess import DetectionPostprocessor, flatten_levels, level_views
 
 
 class EfficientDet(DenseModel):
@@ -68,12 +68,13 @@ class EfficientDet(DenseModel):
                 raise ValueError("in training mode the model needs targets: a list of {'boxes', 'labels'} per image")
             gt_boxes, gt_labels = self._pad_targets(targets, batch.shape[0], batch.device)
         cls_out, box_out = self._network(batch)
-        cls_logits = flatten_levels(cls_out, self.num_classes)
         box_deltas = flatten_levels(box_out, 4)
         anchors = self.anchor_generator(self.padded_size(batch.shape[-2:]), batch.device)
         if self.training:
+            cls_logits = flatten_levels(cls_out, self.num_classes)
             return self.loss(cls_logits, box_deltas, self.matcher(anchors, gt_boxes, gt_labels))
-        return self.postprocessor(cls_logits, box_deltas, anchors, sizes)
+        # Per-level class logits: top-k reads them in place instead of concatenating all N x C of them.
+        return self.postprocessor(level_views(cls_out, self.num_classes), box_deltas, anchors, sizes)
 
     def _pad_targets(self, targets: list[dict[str, torch.Tensor]], batch: int, device: torch.device):
         if len(targets) != batch:

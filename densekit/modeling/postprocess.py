@@ -1,36 +1,54 @@
 """From raw head outputs to detections: top-k on the device, decode, clip, class-wise (soft-)NMS."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torchvision.ops import batched_nms
 
 from .box_coder import BoxCoder
 
 
+def level_views(outputs: list[torch.Tensor], last_dim: int) -> list[torch.Tensor]:
+    """``[B, A*K, H, W]`` per level -> ``[B, H*W*A, K]`` per level, in anchor order (y, x, anchor).
+
+    Views, not copies, when the outputs are channels_last (as from an ``optimize_for_inference`` model).
+    """
+    return [o.permute(0, 2, 3, 1).reshape(o.shape[0], -1, last_dim) for o in outputs]
+
+
 def flatten_levels(outputs: list[torch.Tensor], last_dim: int) -> torch.Tensor:
     """``[B, A*K, H, W]`` per level -> ``[B, sum(H*W*A), K]`` in anchor order (level, y, x, anchor)."""
-    batch = outputs[0].shape[0]
-    return torch.cat([o.permute(0, 2, 3, 1).reshape(batch, -1, last_dim) for o in outputs], 1)
+    return torch.cat(level_views(outputs, last_dim), 1)
 
 
-def topk_pairs(cls_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_pairs(cls_logits: torch.Tensor | Sequence[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest (anchor, class) logits per image, as ``cls_logits.reshape(B, -1).topk(k)`` returns them.
 
-    A partial sort of all N x C values (4.4M for D0) dominates CPU post-processing. The k-th largest anchor maximum is
-    a lower bound of the k-th largest pair (those k anchors' maxima are k pairs at least that large), so only pairs
-    reaching it can be in the result, and they all lie in the anchors whose maximum reaches it (about k of them):
-    gather those anchors' rows, keep the pairs reaching the bound, and sort the few survivors.
-    Values come out in decreasing order; only the order among logits tied at the cut-off can differ from a full sort.
+    ``cls_logits`` is ``[B, N, C]``, or a list of per-level ``[B, N_l, C]`` (:func:`level_views`) standing for their
+    concatenation, which is then never built (a 17 MB copy for D0). A partial sort of all N x C values (4.4M for D0)
+    dominates CPU post-processing. The k-th largest anchor maximum is a lower bound of the k-th largest pair (those
+    k anchors' maxima are k pairs at least that large), so only pairs reaching it can be in the result, and they all
+    lie in the anchors whose maximum reaches it (about k of them): gather those anchors' rows, keep the pairs
+    reaching the bound, and sort the few survivors. Values come out in decreasing order; only the order among
+    logits tied at the cut-off can differ from a full sort.
     """
-    batch, num_anchors, num_classes = cls_logits.shape
-    if k >= num_anchors:  # the bound needs k anchors; fall back to the plain sort
-        return cls_logits.reshape(batch, -1).topk(k, dim=1)
-    anchor_max = cls_logits.amax(-1)  # [B, N]
+    levels = [cls_logits] if isinstance(cls_logits, torch.Tensor) else list(cls_logits)
+    batch, _, num_classes = levels[0].shape
+    counts = [lvl.shape[1] for lvl in levels]
+    if k >= sum(counts):  # the bound needs k anchors; fall back to the plain sort
+        return torch.cat(levels, 1).reshape(batch, -1).topk(k, dim=1)
+    anchor_max = torch.cat([lvl.amax(-1) for lvl in levels], 1)  # [B, N]
     bound = anchor_max.topk(k, dim=1).values[:, -1]  # [B]
+    starts = torch.tensor([0] + counts, device=anchor_max.device).cumsum(0)
+    level_starts = starts.tolist()
     values, indices = [], []
     for b in range(batch):  # a loop over images; candidate counts differ per image
-        anchors = torch.nonzero(anchor_max[b] >= bound[b]).squeeze(1)  # >= k anchors (more only on ties)
-        rows = cls_logits[b, anchors].reshape(-1)  # their [n, C] logits, flattened
+        anchors = torch.nonzero(anchor_max[b] >= bound[b]).squeeze(1)  # ascending; >= k (more only on ties)
+        cuts = torch.searchsorted(anchors, starts).tolist()  # where each level's anchors begin in `anchors`
+        rows = torch.cat([
+            lvl[b, anchors[lo:hi] - start] for lvl, start, lo, hi in zip(levels, level_starts, cuts[:-1], cuts[1:])
+        ]).reshape(-1)  # the chosen anchors' [n, C] logits, flattened
         candidates = torch.nonzero(rows >= bound[b]).squeeze(1)
         top = rows[candidates].topk(k)
         pair = candidates[top.indices]
@@ -72,7 +90,7 @@ class DetectionPostprocessor:
 
     def __call__(
         self,
-        cls_logits: torch.Tensor,
+        cls_logits: torch.Tensor | Sequence[torch.Tensor],
         box_deltas: torch.Tensor,
         anchors: torch.Tensor,
         image_sizes: list[tuple[int, int]],
@@ -80,7 +98,7 @@ class DetectionPostprocessor:
         """Detections per image.
 
         Args:
-            cls_logits: ``[B, N, C]``.
+            cls_logits: ``[B, N, C]``, or per level ``[B, N_l, C]`` (see :func:`topk_pairs`).
             box_deltas: ``[B, N, 4]``.
             anchors: ``[N, 4]`` xyxy.
             image_sizes: ``(H, W)`` of each image before padding; boxes are clipped to it.
@@ -89,7 +107,8 @@ class DetectionPostprocessor:
             One dict per image: ``boxes`` ``[K, 4]`` xyxy in input pixels, ``scores`` ``[K]``, ``labels`` ``[K]``
             (class index, 0-based), sorted by decreasing score.
         """
-        batch, num_anchors, num_classes = cls_logits.shape
+        batch, num_anchors, _ = box_deltas.shape
+        num_classes = (cls_logits if isinstance(cls_logits, torch.Tensor) else cls_logits[0]).shape[-1]
         k = min(self.pre_nms_top_k, num_anchors * num_classes)
         top_logits, top_idx = topk_pairs(cls_logits, k)
         anchor_idx = top_idx // num_classes
