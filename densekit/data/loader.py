@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler, get_worker_info
 
 
 def collate_batch(
@@ -32,6 +33,38 @@ def collate_batch(
     for img, dst in zip(images, out):
         dst[:, : img.shape[-2], : img.shape[-1]].copy_(img)
     return out, targets
+
+
+class ResumableSampler(Sampler[int]):
+    """A sampler whose next pass can start part-way, so that a run resumed mid-epoch reads no image twice.
+
+    Wraps the loader's real sampler (random, sequential or distributed); :meth:`skip_next` drops the first ``n``
+    indices of the next pass only. Skipping indices costs nothing, whereas skipping batches means loading and
+    augmenting them: an epoch's worth of decoding on COCO. The indices that remain are those the uninterrupted pass
+    would have produced, so the batches (``n`` a multiple of the batch size) are the same.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self._skip = 0
+
+    def skip_next(self, n: int) -> None:
+        """Start the next pass after its first ``n`` indices."""
+        if n < 0:
+            raise ValueError(f"cannot skip {n} indices")
+        self._skip = n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to a ``DistributedSampler``, whose shuffle depends on the epoch."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # the full pass: the loader's length (steps per epoch) must not change
 
 
 def seed_transforms(dataset: Any, seed: int) -> None:
@@ -86,6 +119,7 @@ def build_loader(
         distributed: Shard with a ``DistributedSampler`` (requires an initialised process group). Call
             ``loader.sampler.set_epoch(epoch)`` every epoch for a new shuffle. In evaluation the sampler pads the
             last shard with repeated images: deduplicate predictions by ``image_id``.
+            Either way ``loader.sampler`` is a :class:`ResumableSampler` (``skip_next`` for mid-epoch resumes).
         seed: Seed of the shuffle and of the augmentations.
         drop_last: Defaults to ``train``.
 
@@ -96,21 +130,25 @@ def build_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     drop_last = train if drop_last is None else drop_last
-    sampler = None
     rank = 0
     if distributed:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False)
-        rank = sampler.rank
+        distributed_sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False)
+        rank = distributed_sampler.rank
     # Ranks get different augmentation seeds but, through the sampler's shared seed, the same shuffle.
     loader_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(loader_seed)
     if num_workers == 0:
         seed_transforms(dataset, loader_seed)
+    if distributed:
+        base: Sampler[int] = distributed_sampler
+    elif train:  # shuffled with the loader's generator, as DataLoader(shuffle=True, generator=...) would
+        base = RandomSampler(dataset, generator=generator)
+    else:
+        base = SequentialSampler(dataset)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
+        sampler=ResumableSampler(base),
         num_workers=num_workers,
         collate_fn=collate_batch,
         pin_memory=torch.cuda.is_available(),

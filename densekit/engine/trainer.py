@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import TrainConfig
+from ..data.loader import ResumableSampler
 from . import distributed as dist_utils
 from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .ema import ModelEMA
@@ -152,7 +153,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loop
     def _batches(self):
-        """Endless (epoch, batch) stream starting at ``self.step``; mid-epoch resumes skip the batches already seen."""
+        """Endless (epoch, batch) stream starting at ``self.step``; mid-epoch resumes skip the batches already seen
+        (without loading them when the loader comes from :func:`~densekit.data.loader.build_loader`)."""
         epoch, skip = divmod(self.step, self.steps_per_epoch)
         while True:
             sampler = getattr(self.loader, "sampler", None)
@@ -162,7 +164,13 @@ class Trainer:
             generator = getattr(self.loader, "generator", None)
             if isinstance(generator, torch.Generator):
                 generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            for batch in itertools.islice(iter(self.loader), skip, None):
+            batch_size = getattr(self.loader, "batch_size", None)
+            if skip and isinstance(sampler, ResumableSampler) and batch_size:
+                sampler.skip_next(skip * batch_size)  # start after the seen images without loading them
+                batches = iter(self.loader)
+            else:  # any other loader: load the seen batches and drop them
+                batches = itertools.islice(iter(self.loader), skip, None)
+            for batch in batches:
                 yield epoch, batch
             epoch, skip = epoch + 1, 0
 
