@@ -25,6 +25,7 @@ from cityscapesscripts.helpers.labels import labels as CS_LABELS
 from .table import per_class_columns
 
 __all__ = [
+    "CITYSCAPES_CATEGORIES",
     "CITYSCAPES_CLASSES",
     "CityscapesEvaluator",
     "colorize",
@@ -35,6 +36,11 @@ __all__ = [
 
 _TRAIN_LABELS = sorted((lb for lb in CS_LABELS if 0 <= lb.trainId < 255), key=lambda lb: lb.trainId)
 CITYSCAPES_CLASSES: tuple[str, ...] = tuple(lb.name for lb in _TRAIN_LABELS)
+# The 7 evaluated categories (flat, construction, object, nature, sky, human, vehicle) and their trainIds, in
+# cityscapesscripts' order; "void" holds no evaluated class.
+CITYSCAPES_CATEGORIES: dict[str, list[int]] = {}
+for _lb in _TRAIN_LABELS:
+    CITYSCAPES_CATEGORIES.setdefault(_lb.category, []).append(_lb.trainId)
 
 
 def train_id_to_label_id() -> np.ndarray:
@@ -243,8 +249,11 @@ class CityscapesEvaluator:
         Under torch.distributed this synchronises first (collective) if needed; every rank returns the same.
 
         Returns:
-            ``{"mIoU", "per_class_iou": {name: IoU}, "pixel_acc"}``. As in cityscapesscripts, a class that is
-            neither in the ground truth nor predicted has IoU NaN and is left out of the mean (NaN if all are).
+            ``{"mIoU", "per_class_iou": {name: IoU}, "pixel_acc"}``, plus for the 19 Cityscapes classes the
+            category-level scores ``"mIoU_category"`` and ``"per_category_iou"`` (a category's pixels count as
+            correct when the predicted class is in the same category). As in cityscapesscripts, a class (category)
+            that is neither in the ground truth nor predicted has IoU NaN and is left out of the mean (NaN if all
+            are).
         """
         if self._total is None and dist.is_available() and dist.is_initialized():
             self.synchronize()
@@ -254,12 +263,17 @@ class CityscapesEvaluator:
         ious = [float(t) / float(d) if d > 0 else math.nan for t, d in zip(tp.tolist(), denom.tolist())]
         valid = [v for v in ious if not math.isnan(v)]
         total = float(conf.sum())
-        return {
+        metrics: dict[str, Any] = {
             # A plain left-to-right sum, the order cityscapesscripts averages in, so the means agree bit for bit.
-            "mIoU": sum(valid) / len(valid) if valid else math.nan,
+            "mIoU": _mean(ious),
             "per_class_iou": dict(zip(self.class_names, ious)),
             "pixel_acc": float(tp.sum()) / total if total > 0 else math.nan,
         }
+        if self.class_names == list(CITYSCAPES_CLASSES):
+            per_category = {name: _category_iou(conf, ids) for name, ids in CITYSCAPES_CATEGORIES.items()}
+            metrics["mIoU_category"] = _mean(list(per_category.values()))
+            metrics["per_category_iou"] = per_category
+        return metrics
 
     def write_predictions(
         self,
@@ -269,6 +283,21 @@ class CityscapesEvaluator:
     ) -> list[Path]:
         """:func:`write_predictions` (labelId PNGs for cityscapesscripts / the benchmark server)."""
         return write_predictions(outputs, targets, out_dir)
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of the non-NaN values (NaN if none), summed left to right as cityscapesscripts does."""
+    valid = [v for v in values if not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else math.nan
+
+
+def _category_iou(conf: torch.Tensor, ids: list[int]) -> float:
+    """IoU of a group of classes: cityscapesscripts' ``getIouScoreForCategory`` on the trainId confusion matrix."""
+    tp = float(conf[ids][:, ids].sum())
+    fn = float(conf[ids].sum()) - tp  # labelled in the category, predicted outside it
+    fp = float(conf[:, ids].sum()) - tp  # predicted in the category, labelled (and evaluated) outside it
+    denom = tp + fp + fn
+    return tp / denom if denom > 0 else math.nan
 
 
 def _fmt(value: float) -> str:
@@ -286,6 +315,8 @@ def format_cityscapes_table(metrics: Mapping[str, Any], width: int = 80) -> str:
         The table text, without a trailing newline; ``n/a`` marks NaN (class absent and never predicted).
     """
     lines = [f"mIoU {_fmt(float(metrics['mIoU']))}   pixel acc {_fmt(float(metrics['pixel_acc']))}"]
+    if "mIoU_category" in metrics:
+        lines[0] += f"   category mIoU {_fmt(float(metrics['mIoU_category']))}"
     per_class = metrics.get("per_class_iou") or {}
     if per_class:
         lines += ["", "Per-class IoU"]

@@ -105,6 +105,15 @@ def test_miou_equals_cityscapesscripts(cs_root: Path, tmp_path: Path) -> None:
             assert ours["per_class_iou"][name] == pytest.approx(theirs, abs=1e-12), name
     assert ours["mIoU"] == pytest.approx(official["averageScoreClasses"], abs=1e-12)
     assert 0.2 < ours["mIoU"] < 0.9  # imperfect, far from trivial
+    # Category IoUs (7 categories; "void" has no evaluated class: NaN on both sides and out of the mean).
+    assert set(ours["per_category_iou"]) | {"void"} == set(official["categoryScores"])
+    for category, theirs in official["categoryScores"].items():
+        if category == "void":
+            assert math.isnan(theirs)
+        else:
+            assert ours["per_category_iou"][category] == pytest.approx(theirs, abs=1e-12), category
+    assert ours["mIoU_category"] == pytest.approx(official["averageScoreCategories"], abs=1e-12)
+    assert ours["mIoU_category"] > ours["mIoU"]  # confusions inside a category (car/truck...) stop counting
     tp = np.diag(conf)[label_ids].sum()
     assert ours["pixel_acc"] == pytest.approx(tp / conf[label_ids].sum(), abs=1e-12)
 
