@@ -261,7 +261,6 @@ class CityscapesEvaluator:
         tp = conf.diagonal()
         denom = conf.sum(0) + conf.sum(1) - tp  # tp + fp + fn
         ious = [float(t) / float(d) if d > 0 else math.nan for t, d in zip(tp.tolist(), denom.tolist())]
-        valid = [v for v in ious if not math.isnan(v)]
         total = float(conf.sum())
         metrics: dict[str, Any] = {
             # A plain left-to-right sum, the order cityscapesscripts averages in, so the means agree bit for bit.

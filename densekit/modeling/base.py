@@ -42,11 +42,6 @@ class DenseModel(nn.Module):
         self.size_divisor = max(backbone.strides)
         self._warned_sizes: set[tuple[int, int]] = set()
 
-    def preprocess(self, images: Images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Normalise and pad a batch; returns it with each image's ``(H, W)`` before padding."""
-        batch, sizes = self.stack_images(images)
-        return self.normalize_and_pad(batch), sizes
-
     def stack_images(self, images: Images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Check ``images`` and stack a list into one zero-padded batch; returns it with each image's ``(H, W)``.
 
