@@ -30,7 +30,6 @@ call, both sides, under ``torch.autocast``. A compile that fails is reported and
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 import densekit
+from densekit.engine.trainer import atomic_save_json
 from densekit.inference import compile_frozen
 from densekit.utils import count_macs, count_parameters, format_count
 from densekit.utils.benchmarking import device_description, matmul_peak_gflops, stats, synchronizer, time_interleaved
@@ -239,7 +239,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.bench.output:
         path = Path(to_absolute_path(str(cfg.bench.output)))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_save_json(result, path)
         print(f"\nwrote {path}")
 
 

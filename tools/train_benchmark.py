@@ -10,7 +10,6 @@ loader is not the bottleneck.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import densekit  # noqa: F401  (registers the config schemas)
 from densekit.data.build import build_detection_dataset
 from densekit.data.loader import build_loader
+from densekit.engine.trainer import atomic_save_json
 from densekit.modeling.build import build_model
 from densekit.utils import effdet_counterpart
 from densekit.utils.benchmarking import device_description, stats, time_interleaved
@@ -132,7 +132,8 @@ def main(cfg: DictConfig) -> None:
     print(report(result))
     if cfg.bench.output:
         path = Path(to_absolute_path(str(cfg.bench.output)))
-        path.write_text(json.dumps(result, indent=2))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_json(result, path)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ class DenseModel(nn.Module):
 
     Args:
         backbone: Feature extractor.
+        neck: Feature fusion over the backbone's levels (a BiFPN), or ``None`` where the head reads the backbone.
+        head: The task head; has ``num_classes``.
         pixel_mean: Per-channel mean of inputs in [0, 1].
         pixel_std: Per-channel standard deviation of inputs in [0, 1].
     """
@@ -33,14 +35,27 @@ class DenseModel(nn.Module):
     #: normalisation and padding included), with data-dependent work (NMS, per-image cropping) left outside.
     compile_targets: tuple[str, ...] = ("_network",)
 
-    def __init__(self, backbone: Backbone, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        neck: nn.Module | None,
+        head: nn.Module,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+    ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.neck = neck
+        self.head = head
         # Not persistent: normalisation is configuration, and keeping it out of state_dict keeps checkpoints portable.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), persistent=False)
         self.size_divisor = max(backbone.strides)
         self._warned_sizes: set[tuple[int, int]] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
 
     def stack_images(self, images: Images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Check ``images`` and stack a list into one zero-padded batch; returns it with each image's ``(H, W)``.

@@ -40,17 +40,11 @@ class EfficientDet(DenseModel):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
     ) -> None:
-        super().__init__(backbone, pixel_mean, pixel_std)
-        self.neck = neck
-        self.head = head
+        super().__init__(backbone, neck, head, pixel_mean, pixel_std)
         self.anchor_generator = anchor_generator
         self.matcher = matcher
         self.loss = loss
         self.postprocessor = postprocessor
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.num_classes
 
     def _network(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """A stacked, unnormalised batch -> per-level head outputs: normalise, pad, backbone, BiFPN, head."""

@@ -97,14 +97,8 @@ class Segmenter(DenseModel):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
     ) -> None:
-        super().__init__(backbone, pixel_mean, pixel_std)
-        self.neck = neck
-        self.head = head
+        super().__init__(backbone, neck, head, pixel_mean, pixel_std)
         self.loss = loss
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.num_classes
 
     @property
     def ignore_index(self) -> int:
