@@ -30,8 +30,8 @@ def topk_pairs(cls_logits: torch.Tensor | Sequence[torch.Tensor], k: int) -> tup
     dominates CPU post-processing. The k-th largest anchor maximum is a lower bound of the k-th largest pair (those
     k anchors' maxima are k pairs at least that large), so only pairs reaching it can be in the result, and they all
     lie in the anchors whose maximum reaches it (about k of them): gather those anchors' rows, keep the pairs
-    reaching the bound, and sort the few survivors. Values come out in decreasing order; only the order among
-    logits tied at the cut-off can differ from a full sort.
+    reaching the bound, and sort the few survivors. Values come out in decreasing order; which of several logits
+    tied at the cut-off are kept (and their order) can differ from a full sort, as between any two top-k kernels.
     """
     levels = [cls_logits] if isinstance(cls_logits, torch.Tensor) else list(cls_logits)
     batch, _, num_classes = levels[0].shape
@@ -44,7 +44,12 @@ def topk_pairs(cls_logits: torch.Tensor | Sequence[torch.Tensor], k: int) -> tup
     level_starts = starts.tolist()
     values, indices = [], []
     for b in range(batch):  # a loop over images; candidate counts differ per image
-        anchors = torch.nonzero(anchor_max[b] >= bound[b]).squeeze(1)  # ascending; >= k (more only on ties)
+        # Anchors above the bound (fewer than k), then those at it: each of these holds a pair equal to the bound,
+        # so the first k of them are enough. Without this cap, logits that tie en masse (bf16, an untrained head's
+        # constant prior) would send every anchor through.
+        above = torch.nonzero(anchor_max[b] > bound[b]).squeeze(1)
+        at = torch.nonzero(anchor_max[b] == bound[b]).squeeze(1)[:k]
+        anchors = torch.cat([above, at]).sort().values  # ascending, as the level split below needs
         cuts = torch.searchsorted(anchors, starts).tolist()  # where each level's anchors begin in `anchors`
         rows = torch.cat([
             lvl[b, anchors[lo:hi] - start] for lvl, start, lo, hi in zip(levels, level_starts, cuts[:-1], cuts[1:])

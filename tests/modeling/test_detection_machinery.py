@@ -188,3 +188,19 @@ def test_nms_on_a_score_prefix_equals_nms_on_all_candidates() -> None:
         torch.testing.assert_close(out[b]["boxes"], boxes[keep])
         assert torch.equal(out[b]["labels"], idx[keep] % 5)
     assert len(out[0]["scores"]) == 20 and len(out[1]["scores"]) <= 15
+
+
+def test_topk_pairs_with_mass_ties_keeps_the_top_values() -> None:
+    """bf16 logits or an untrained head's constant prior: most values tie at the cut-off. The k values must equal a
+    full sort's (which tied pairs are kept is arbitrary, as with any top-k), indices must point at those values."""
+    from densekit.modeling.postprocess import topk_pairs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.full((2, 3000, 9), -4.595)
+    logits[:, :40] += torch.rand(2, 40, 9, generator=g)  # a few anchors stand out; everything else ties
+    logits = logits.to(torch.bfloat16)
+    values, idx = topk_pairs([logits[:, :1000], logits[:, 1000:]], 500)
+    ref_values = logits.reshape(2, -1).topk(500, dim=1).values
+    assert torch.equal(values, ref_values)
+    assert torch.equal(logits.reshape(2, -1).gather(1, idx), values)
+    assert all(len(set(row.tolist())) == 500 for row in idx)  # no pair twice
