@@ -3,11 +3,13 @@
 :class:`CityscapesEvaluator` scores predictions against the trainId labels (255 ignored). Its class IoUs equal
 those of cityscapesscripts' ``evalPixelLevelSemanticLabeling`` run on the same predictions written as labelId PNGs
 by :func:`write_predictions`: the official confusion matrix over labelIds, restricted to the 19 evaluated classes,
-is this one, and pixels whose ground truth is ignored in evaluation are skipped by both.
+is this one, and pixels whose ground truth is ignored in evaluation are skipped by both. Category IoUs and the
+instance-weighted iIoU scores (:mod:`densekit.evaluation.cityscapes_instances`) follow the same script.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -22,7 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
+from .cityscapes_instances import instance_stats, instance_tables, read_instances
 from .table import per_class_columns
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CITYSCAPES_CATEGORIES",
@@ -155,14 +160,25 @@ class CityscapesEvaluator:
     nearest-neighbour interpolation first. Targets holding a ``file`` are counted once per file: seeing a file
     again (e.g. the duplicates ``DistributedSampler`` pads the last batch with) replaces its counts.
 
+    With ``instance_level`` (the 19 Cityscapes classes only), a target's ``label_file`` leads to its gtFine
+    ``*_instanceIds.png``, and the instance-weighted scores of cityscapesscripts (iIoU) are computed too: each
+    ground-truth instance's true-positive and false-negative pixels are weighted by the class's average instance
+    size over the instance's size, so that small objects count as much as large ones. They are reported only when
+    every evaluated image had its instance file.
+
     Args:
         num_classes: Number of trainIds scored (19 for Cityscapes).
         ignore_index: Label value skipped.
         class_names: Name per trainId; cityscapesscripts' names by default (required if ``num_classes != 19``).
+        instance_level: Also compute iIoU from the gtFine instance files next to the labels.
     """
 
     def __init__(
-        self, num_classes: int = 19, ignore_index: int = 255, class_names: Sequence[str] | None = None
+        self,
+        num_classes: int = 19,
+        ignore_index: int = 255,
+        class_names: Sequence[str] | None = None,
+        instance_level: bool = True,
     ) -> None:
         if class_names is None:
             if num_classes != len(CITYSCAPES_CLASSES):
@@ -173,13 +189,24 @@ class CityscapesEvaluator:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = list(class_names)
+        self.is_cityscapes = self.class_names == list(CITYSCAPES_CLASSES)
+        self.instance_level = instance_level and self.is_cityscapes
+        self._tables = instance_tables(CITYSCAPES_CLASSES, list(CITYSCAPES_CATEGORIES)) if self.instance_level else None
         self.reset()
 
     def reset(self) -> None:
         """Forgets everything accumulated."""
-        self._per_file: dict[str, torch.Tensor] = {}
-        self._unnamed = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
-        self._total: torch.Tensor | None = None  # the all-rank sum, set by synchronize()
+        # Per file: (confusion, instance statistics); the instance statistics are float64 [2, C + K + 1]: weighted
+        # true positives (row 0) and false negatives (row 1) per class, then per category, then in [0, -1] the
+        # number of images that had no instance file.
+        self._per_file: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._unnamed = (torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64), self._empty_instances())
+        self._total: tuple[torch.Tensor, torch.Tensor] | None = None  # the all-rank sums, set by synchronize()
+        self._missing_logged = False
+
+    def _empty_instances(self) -> torch.Tensor:
+        """Zeroed instance statistics: the layout :func:`instance_stats` fills."""
+        return torch.zeros(2, self.num_classes + len(CITYSCAPES_CATEGORIES) + 1, dtype=torch.float64)
 
     def confusion(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """``int64 [C, C]`` confusion matrix of one ``[h, w]`` prediction against an ``[H, W]`` label."""
@@ -197,6 +224,19 @@ class CityscapesEvaluator:
             raise ValueError(f"predictions must be in [0, {c}), got {pred.unique()[:10].tolist()}")
         return torch.bincount(gt * c + pred, minlength=c * c).reshape(c, c).cpu()
 
+    def _instances_of(self, pred: torch.Tensor, target: Mapping[str, Any]) -> torch.Tensor:
+        """The instance statistics of one target, or a row counting it as an image without an instance file."""
+        instances, path = read_instances(target)
+        if instances is None:
+            if not self._missing_logged:
+                self._missing_logged = True
+                log.warning("no gtFine instance file %s: iIoU will not be reported", path or target.get("file", "(unnamed)"))
+            out = self._empty_instances()
+            out[0, -1] = 1
+            return out
+        pred = _resize_nearest(pred.detach().long(), tuple(instances.shape))
+        return instance_stats(pred, instances, self._tables, self._empty_instances())
+
     def update(self, outputs: Sequence[Mapping[str, torch.Tensor]], targets: Sequence[Mapping[str, Any]]) -> None:
         """Adds a batch: ``outputs[i]["sem_seg"]`` (trainIds ``[h, w]``) against ``targets[i]["sem_seg"]``."""
         if len(outputs) != len(targets):
@@ -205,21 +245,24 @@ class CityscapesEvaluator:
             if target.get("sem_seg") is None:
                 raise ValueError(f"target of {target.get('file', 'an image')} has no sem_seg (test split?)")
             conf = self.confusion(output["sem_seg"], target["sem_seg"])
+            inst = self._instances_of(output["sem_seg"], target) if self.instance_level else self._empty_instances()
             if target.get("file") is not None:
-                self._per_file[str(target["file"])] = conf
+                self._per_file[str(target["file"])] = (conf, inst)
             else:
-                self._unnamed += conf
+                self._unnamed = (self._unnamed[0] + conf, self._unnamed[1] + inst)
         self._total = None
 
-    def _local_sum(self, skip: Collection[str] = ()) -> torch.Tensor:
-        total = self._unnamed.clone()
-        for name, conf in self._per_file.items():
+    def _local_sum(self, skip: Collection[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        conf, inst = self._unnamed[0].clone(), self._unnamed[1].clone()
+        for name, (c, i) in self._per_file.items():
             if name not in skip:
-                total += conf
-        return total
+                conf += c
+                inst += i
+        return conf, inst
 
     def synchronize(self) -> None:
-        """Sums the confusion matrices of all ranks (``all_reduce``); without torch.distributed, the local sum.
+        """Sums the confusion matrices (and instance statistics) of all ranks (``all_reduce``); without
+        torch.distributed, the local sums.
 
         Collective: every rank must call it. Files seen by several ranks are counted once (on the lowest rank),
         found by gathering only the file names.
@@ -234,14 +277,15 @@ class CityscapesEvaluator:
         # NCCL only reduces CUDA tensors.
         nccl = dist.get_backend() == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        total = self._local_sum(skip=earlier).to(device)
-        dist.all_reduce(total)
-        self._total = total.cpu()
+        totals = [t.to(device) for t in self._local_sum(skip=earlier)]
+        for t in totals:
+            dist.all_reduce(t)
+        self._total = (totals[0].cpu(), totals[1].cpu())
 
     @property
     def confusion_matrix(self) -> torch.Tensor:
         """``int64 [C, C]``: the synchronised sum if :meth:`synchronize` ran since the last update, else the local."""
-        return self._total.clone() if self._total is not None else self._local_sum()
+        return (self._total or self._local_sum())[0].clone()
 
     def evaluate(self) -> dict[str, Any]:
         """IoU per class, their mean and pixel accuracy.
@@ -251,13 +295,15 @@ class CityscapesEvaluator:
         Returns:
             ``{"mIoU", "per_class_iou": {name: IoU}, "pixel_acc"}``, plus for the 19 Cityscapes classes the
             category-level scores ``"mIoU_category"`` and ``"per_category_iou"`` (a category's pixels count as
-            correct when the predicted class is in the same category). As in cityscapesscripts, a class (category)
-            that is neither in the ground truth nor predicted has IoU NaN and is left out of the mean (NaN if all
-            are).
+            correct when the predicted class is in the same category) and, with instance files for every image,
+            ``"iIoU"`` / ``"per_class_iiou"`` and ``"iIoU_category"`` / ``"per_category_iiou"`` (NaN for classes
+            and categories without instances). As in cityscapesscripts, a score whose denominator is zero is NaN
+            and is left out of its mean (NaN if all are).
         """
         if self._total is None and dist.is_available() and dist.is_initialized():
             self.synchronize()
-        conf = self.confusion_matrix.to(torch.float64)
+        conf_int, inst = self._total or self._local_sum()
+        conf = conf_int.to(torch.float64)
         tp = conf.diagonal()
         denom = conf.sum(0) + conf.sum(1) - tp  # tp + fp + fn
         ious = [float(t) / float(d) if d > 0 else math.nan for t, d in zip(tp.tolist(), denom.tolist())]
@@ -268,10 +314,32 @@ class CityscapesEvaluator:
             "per_class_iou": dict(zip(self.class_names, ious)),
             "pixel_acc": float(tp.sum()) / total if total > 0 else math.nan,
         }
-        if self.class_names == list(CITYSCAPES_CLASSES):
-            per_category = {name: _category_iou(conf, ids) for name, ids in CITYSCAPES_CATEGORIES.items()}
-            metrics["mIoU_category"] = _mean(list(per_category.values()))
-            metrics["per_category_iou"] = per_category
+        if not self.is_cityscapes:
+            return metrics
+        categories = list(CITYSCAPES_CATEGORIES.items())
+        per_category = {name: _category_iou(conf, ids) for name, ids in categories}
+        metrics["mIoU_category"] = _mean(list(per_category.values()))
+        metrics["per_category_iou"] = per_category
+        images_without_instances = int(inst[0, -1])
+        if self.instance_level and images_without_instances == 0 and total > 0:
+            _, _, avg_size = self._tables
+            fp = conf.sum(0) - tp  # unweighted, as in cityscapesscripts
+            per_class_iiou = {
+                name: _ratio(inst[0, i], inst[0, i] + fp[i] + inst[1, i]) if avg_size[i] > 0 else math.nan
+                for i, name in enumerate(self.class_names)
+            }
+            per_category_iiou = {}
+            for k, (name, ids) in enumerate(categories):
+                if not any(avg_size[i] > 0 for i in ids):  # no instance classes: flat, construction, ...
+                    per_category_iiou[name] = math.nan
+                    continue
+                cat_fp = conf[:, ids].sum() - conf[ids][:, ids].sum()
+                j = self.num_classes + k
+                per_category_iiou[name] = _ratio(inst[0, j], inst[0, j] + cat_fp + inst[1, j])
+            metrics["iIoU"] = _mean(list(per_class_iiou.values()))
+            metrics["per_class_iiou"] = per_class_iiou
+            metrics["iIoU_category"] = _mean(list(per_category_iiou.values()))
+            metrics["per_category_iiou"] = per_category_iiou
         return metrics
 
     def write_predictions(
@@ -282,6 +350,10 @@ class CityscapesEvaluator:
     ) -> list[Path]:
         """:func:`write_predictions` (labelId PNGs for cityscapesscripts / the benchmark server)."""
         return write_predictions(outputs, targets, out_dir)
+
+
+def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> float:
+    return float(num) / float(den) if float(den) > 0 else math.nan
 
 
 def _mean(values: list[float]) -> float:
@@ -295,8 +367,7 @@ def _category_iou(conf: torch.Tensor, ids: list[int]) -> float:
     tp = float(conf[ids][:, ids].sum())
     fn = float(conf[ids].sum()) - tp  # labelled in the category, predicted outside it
     fp = float(conf[:, ids].sum()) - tp  # predicted in the category, labelled (and evaluated) outside it
-    denom = tp + fp + fn
-    return tp / denom if denom > 0 else math.nan
+    return _ratio(tp, tp + fp + fn)
 
 
 def _fmt(value: float) -> str:
@@ -316,6 +387,8 @@ def format_cityscapes_table(metrics: Mapping[str, Any], width: int = 80) -> str:
     lines = [f"mIoU {_fmt(float(metrics['mIoU']))}   pixel acc {_fmt(float(metrics['pixel_acc']))}"]
     if "mIoU_category" in metrics:
         lines[0] += f"   category mIoU {_fmt(float(metrics['mIoU_category']))}"
+    if "iIoU" in metrics:
+        lines.append(f"iIoU {_fmt(float(metrics['iIoU']))}   category iIoU {_fmt(float(metrics['iIoU_category']))}")
     per_class = metrics.get("per_class_iou") or {}
     if per_class:
         lines += ["", "Per-class IoU"]

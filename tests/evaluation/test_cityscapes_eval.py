@@ -64,14 +64,17 @@ def _predictions(ds: CityscapesSegmentation) -> tuple[list[dict], list[dict]]:
     return outputs, targets
 
 
-def _official(cs_root: Path, results: Path) -> dict:
-    """cityscapesscripts' evaluation of the val ground truth against the PNGs under ``results``."""
+def _official(cs_root: Path, results: Path, instance_level: bool = False) -> dict:
+    """cityscapesscripts' evaluation of the val ground truth against the PNGs under ``results``.
+
+    Its instance-level path calls ``np.in1d``, which numpy 2.4 removed: run it with ``np.isin`` (the same function
+    under its current name, patched in by the test that asks for it).
+    """
     args = copy.copy(cs_eval.args)  # the module keeps its settings in a global; leave that untouched
     args.quiet = True
     args.JSONOutput = False  # it would write under CITYSCAPES_DATASET/evaluationResults otherwise
     args.colorized = False
-    # nIoU (instance-level) scores are not compared, and their code calls np.in1d, gone in numpy 2.4.
-    args.evalInstLevelScore = False
+    args.evalInstLevelScore = instance_level
     args.predictionPath = str(results)  # what getPrediction would take from CITYSCAPES_RESULTS
     args.predictionWalk = None
     ground_truth = sorted(str(p) for p in (cs_root / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
@@ -116,6 +119,47 @@ def test_miou_equals_cityscapesscripts(cs_root: Path, tmp_path: Path) -> None:
     assert ours["mIoU_category"] > ours["mIoU"]  # confusions inside a category (car/truck...) stop counting
     tp = np.diag(conf)[label_ids].sum()
     assert ours["pixel_acc"] == pytest.approx(tp / conf[label_ids].sum(), abs=1e-12)
+
+
+def test_instance_level_iiou_equals_cityscapesscripts(cs_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(np, "in1d", np.isin, raising=False)  # see _official
+    ds = CityscapesSegmentation(cs_root, "val")
+    outputs, targets = _predictions(ds)
+    ev = CityscapesEvaluator()
+    ev.update(outputs, targets)
+    ours = ev.evaluate()
+    ev.write_predictions(outputs, targets, tmp_path / "results")
+    official = _official(cs_root, tmp_path / "results", instance_level=True)
+
+    instance_classes = [n for n in CITYSCAPES_CLASSES if name2label[n].hasInstances]
+    assert len(instance_classes) == 8
+    compared = 0
+    for name in CITYSCAPES_CLASSES:
+        theirs, mine = official["classInstScores"][name], ours["per_class_iiou"][name]
+        if math.isnan(theirs):
+            assert math.isnan(mine), name
+        else:
+            assert mine == pytest.approx(theirs, rel=1e-12), name
+            compared += 1
+    assert compared >= 2  # the synthetic scenes hold people and cars, imperfectly predicted
+    assert ours["iIoU"] == pytest.approx(official["averageScoreInstClasses"], rel=1e-12)
+    for category, theirs in official["categoryInstScores"].items():
+        mine = ours["per_category_iiou"].get(category, math.nan)
+        assert (math.isnan(theirs) and math.isnan(mine)) or mine == pytest.approx(theirs, rel=1e-12), category
+    assert ours["iIoU_category"] == pytest.approx(official["averageScoreInstCategories"], rel=1e-12)
+    assert 0.0 < ours["iIoU"] < 1.0
+
+
+def test_iiou_is_left_out_when_an_instance_file_is_missing(cs_root: Path, tmp_path: Path) -> None:
+    ds = CityscapesSegmentation(cs_root, "val")
+    outputs, targets = _predictions(ds)
+    ev = CityscapesEvaluator()
+    ev.update(outputs[:1], targets[:1])
+    assert "iIoU" in ev.evaluate()
+    moved = dict(targets[1], label_file=str(tmp_path / "elsewhere_gtFine_labelTrainIds.png"))
+    ev.update(outputs[1:2], [moved])
+    metrics = ev.evaluate()
+    assert "iIoU" not in metrics and not math.isnan(metrics["mIoU"])  # the pixel-level scores stay
 
 
 def test_confusion_counts_by_hand() -> None:
