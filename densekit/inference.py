@@ -190,7 +190,20 @@ def compile_frozen(fn: Callable) -> Callable:
         with config.patch(freezing=True):
             return compiled(*args, **kwargs)
 
-    return call
+    return FrozenCompiled(fn, call) if isinstance(fn, nn.Module) else call
+
+
+class FrozenCompiled(nn.Module):
+    """What :func:`compile_frozen` returns for a module: still a module (it can be a child of another one, e.g.
+    the network inside a detection wrapper), whose ``forward`` is the compiled call."""
+
+    def __init__(self, module: nn.Module, call: Callable) -> None:
+        super().__init__()
+        self.module = module  # the original, for its attributes and weights
+        self._call = call
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self._call(*args, **kwargs)
 
 
 def _compile(model: nn.Module, example_input: torch.Tensor | None, channels_last: bool, strict: bool) -> nn.Module:

@@ -13,6 +13,7 @@ References take an input that is already normalised (neither effdet nor torchvis
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,22 +40,32 @@ class ReferenceModel:
         name: The reference's own model name.
         network: Module mapping a normalised ``[B, 3, H, W]`` batch to the raw network outputs.
         end_to_end: Module mapping the same batch to final predictions (detections / label maps).
+        end_to_end_on: Where the end-to-end path is the network plus eager post-processing (effdet's
+            ``DetBenchPredict``), builds it around another network module, e.g. the compiled one, so that a compiled
+            comparison compiles the network once as densekit does; ``None`` where the end-to-end module is compiled
+            as a whole.
     """
 
     label: str
     name: str
     network: nn.Module
     end_to_end: nn.Module
+    end_to_end_on: Callable[[nn.Module], nn.Module] | None = None
 
 
 class _EffdetPredict(nn.Module):
-    """``DetBenchPredict`` with a fixed ``img_info`` that makes effdet clip boxes to the image, as densekit does."""
+    """``DetBenchPredict`` with a fixed ``img_info`` that makes effdet clip boxes to the image, as densekit does.
 
-    def __init__(self, model: nn.Module, batch: int, size: tuple[int, int]) -> None:
+    ``network`` replaces the bench's model for the forward pass (e.g. a compiled copy of ``model``).
+    """
+
+    def __init__(self, model: nn.Module, batch: int, size: tuple[int, int], network: nn.Module | None = None) -> None:
         super().__init__()
         from effdet import DetBenchPredict
 
         self.bench = DetBenchPredict(model)
+        if network is not None:
+            self.bench.model = network
         self.register_buffer("img_scale", torch.ones(batch), persistent=False)
         self.register_buffer("img_size", torch.tensor([[size[1], size[0]]] * batch), persistent=False)
 
@@ -120,7 +131,10 @@ def _effdet_twin(model: nn.Module, name: str, size: tuple[int, int], batch: int)
     ref = EfficientDet(cfg, pretrained_backbone=False).eval()
     state = convert_effdet(ref.state_dict(), len(model.backbone.feature_specs))
     _check_and_load(model, ref, state, f"effdet's {effdet_name}")
-    return ReferenceModel("effdet", effdet_name, ref, _EffdetPredict(ref, batch, size).eval())
+    return ReferenceModel(
+        "effdet", effdet_name, ref, _EffdetPredict(ref, batch, size).eval(),
+        end_to_end_on=lambda network: _EffdetPredict(ref, batch, size, network).eval(),
+    )
 
 
 def _torchvision_twin(model: nn.Module, name: str) -> ReferenceModel:

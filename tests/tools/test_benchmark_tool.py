@@ -112,3 +112,19 @@ def test_a_failed_compile_is_reported_and_eager_times_still_come_out(monkeypatch
     assert "torch.compile failed (RuntimeError: no C++ compiler" in notes
     assert "effdet could not be compiled (RuntimeError: no C++ compiler" in notes
     assert "compile FAILED" in tool.report(result)
+
+
+def test_compile_times_the_reference_eager_and_compiled(tmp_path: Path) -> None:
+    """bench.compile=true: densekit compiled, and effdet timed both eager and compiled (inductor freezing) in the
+    same run, with a ratio against each."""
+    output = tmp_path / "bench.json"
+    proc = run_benchmark(
+        "model=efficientdet_lite0", "image_size=128", "bench.iters=1", "bench.warmup=1", "bench.compare=true",
+        "bench.compile=true", "bench.fold_bn=true", "bench.channels_last=true", "bench.matmul_peak=false",
+        f"bench.output={output}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(output.read_text())
+    assert result["densekit_compiled"] and result["notes"] == []
+    check_rows(result, ("densekit", "effdet", "effdet+compile"))
+    assert "torch.compile (inductor freezing)" in proc.stdout and "densekit / effdet+compile" in proc.stdout
