@@ -33,7 +33,6 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import hydra
 import torch
@@ -42,10 +41,16 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 import densekit
-from densekit.engine.trainer import atomic_save_json
 from densekit.inference import compile_frozen
 from densekit.utils import count_macs, count_parameters, format_count
-from densekit.utils.benchmarking import device_description, matmul_peak_gflops, stats, synchronizer, time_interleaved
+from densekit.utils.benchmarking import (
+    device_description,
+    matmul_peak_gflops,
+    save_result,
+    stats,
+    synchronizer,
+    time_interleaved,
+)
 from densekit.utils.reference_models import NoReferenceError, ReferenceModel, reference_twin
 
 MODES = ("network", "end_to_end")
@@ -246,10 +251,8 @@ def main(cfg: DictConfig) -> None:
     """Entry point: benchmark ``cfg.model`` as ``cfg.bench`` says, print the results, write JSON if asked."""
     result = run(cfg)
     print(report(result))
-    if cfg.bench.output:
-        path = Path(to_absolute_path(str(cfg.bench.output)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_json(result, path)
+    path = save_result(result, to_absolute_path(str(cfg.bench.output)) if cfg.bench.output else None)
+    if path is not None:
         print(f"\nwrote {path}")
 
 

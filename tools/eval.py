@@ -20,11 +20,11 @@ from densekit.data.loader import build_loader
 from densekit.engine import distributed as dist_utils
 from densekit.engine.checkpoint import load_checkpoint
 from densekit.engine.tasks import build_dataset, check_model_fits_task, make_evaluate, num_classes_of
-from densekit.engine.trainer import atomic_save_json
 from densekit.inference import optimize_for_inference
 from densekit.modeling.build import build_model
 from densekit.modeling.checkpoint_io import read_state_dict
 from densekit.modeling.weights import load_state_dict_any
+from densekit.utils.files import atomic_save_json
 
 log = logging.getLogger("densekit.eval")
 

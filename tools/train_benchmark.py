@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import hydra
 import torch
@@ -22,10 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 import densekit  # noqa: F401  (registers the config schemas)
 from densekit.data.build import build_detection_dataset
 from densekit.data.loader import build_loader
-from densekit.engine.trainer import atomic_save_json
 from densekit.modeling.build import build_model
 from densekit.utils import effdet_counterpart
-from densekit.utils.benchmarking import device_description, stats, time_interleaved
+from densekit.utils.benchmarking import device_description, save_result, stats, time_interleaved
 
 
 def random_targets(batch: int, size: int, per_image: int, num_classes: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -130,10 +128,9 @@ def report(r: dict) -> str:
 def main(cfg: DictConfig) -> None:
     result = run(cfg)
     print(report(result))
-    if cfg.bench.output:
-        path = Path(to_absolute_path(str(cfg.bench.output)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_json(result, path)
+    path = save_result(result, to_absolute_path(str(cfg.bench.output)) if cfg.bench.output else None)
+    if path is not None:
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..data.loader import ResumableSampler
+from ..utils.files import atomic_save_json
 from . import distributed as dist_utils
 from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .ema import ModelEMA
@@ -268,10 +269,3 @@ class Trainer:
             atomic_save_json(history, history_path)
         dist_utils.barrier()
         return metrics
-
-
-def atomic_save_json(obj: Any, path: Path) -> None:
-    """Write JSON through a temp file + rename, like checkpoints, so readers never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)

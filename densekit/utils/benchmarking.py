@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_save_json
+
 
 def device_description(device: torch.device) -> str:
     """Human-readable hardware name: the GPU's, or the CPU model and thread count."""
@@ -86,3 +88,13 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
         sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def save_result(result: dict, output: str | Path | None) -> Path | None:
+    """Write a benchmark tool's ``result`` as JSON to ``output`` (atomically, parents created); None: nothing."""
+    if not output:
+        return None
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_json(result, path)
+    return path
