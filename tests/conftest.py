@@ -29,3 +29,27 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
 def randomise():
     """``randomise(model, seed=0)``: see :func:`_randomise`."""
     return _randomise
+
+
+def _run_workers(fn, args: tuple, nprocs: int = 2, timeout: float = 60.0) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` forked processes; fail the test if any fails or they outlast ``timeout``.
+
+    fork, as DataLoader workers do: spawn would re-import torch in each child (~5 s on two cores).
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"distributed workers did not finish in {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def run_workers():
+    """``run_workers(fn, args, nprocs=2, timeout=60)``: see :func:`_run_workers`."""
+    return _run_workers

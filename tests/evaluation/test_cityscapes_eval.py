@@ -12,7 +12,6 @@ import copy
 import io
 import json
 import math
-import time
 from pathlib import Path
 
 import cv2
@@ -20,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
 from cityscapesscripts.helpers.labels import name2label
 
@@ -243,26 +241,13 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str, pay
         dist.destroy_process_group()
 
 
-def test_distributed_matches_single_process(cs_root: Path, tmp_path: Path) -> None:
+def test_distributed_matches_single_process(cs_root: Path, tmp_path: Path, run_workers) -> None:
     outputs, targets = _predictions(CityscapesSegmentation(cs_root, "val"))
     single = CityscapesEvaluator()
     single.update(outputs, targets)
     expected = single.evaluate()
     torch.save((outputs, targets), tmp_path / "payload.pt")
-    # fork, as DataLoader workers do: spawn would re-import torch in each child (~5 s on two cores).
-    ctx = mp.start_processes(
-        _distributed_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "payload.pt")),
-        nprocs=2,
-        join=False,
-        start_method="fork",
-    )
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("distributed workers did not finish in 60 s")
+    run_workers(_distributed_worker, (2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "payload.pt")))
     for rank in range(2):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got["conf"] == single.confusion_matrix.tolist()

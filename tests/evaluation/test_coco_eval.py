@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import time
 import zipfile
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -286,20 +284,12 @@ def _distributed_worker(rank: int, world: int, init_file: str, gt_path: str, out
         dist.destroy_process_group()
 
 
-def test_distributed_matches_single_process(coco_gt: COCO, gt_path: str, tmp_path: Path) -> None:
+def test_distributed_matches_single_process(coco_gt: COCO, gt_path: str, tmp_path: Path, run_workers) -> None:
     _, outputs, targets = _scenario(coco_gt)
     single = CocoEvaluator(coco_gt, LABEL_TO_CAT_ID)
     single.update(outputs, targets)
     expected = single.evaluate()
-    # fork, as DataLoader workers do: spawn would re-import torch in each child (~5 s on two cores).
-    ctx = mp.start_processes(_distributed_worker, args=(2, str(tmp_path / "init"), gt_path, str(tmp_path)),
-                             nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("distributed workers did not finish in 60 s")
+    run_workers(_distributed_worker, (2, str(tmp_path / "init"), gt_path, str(tmp_path)))
     for rank in range(2):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got["n"] == len(single.results())
