@@ -1,12 +1,11 @@
-"""densekit: EfficientDet, ESeg and LR-ASPP dense prediction on EfficientNet / MobileNetV3 backbones."""
-from .config import register_configs
+"""densekit: EfficientDet, ESeg and LR-ASPP dense prediction on EfficientNet / MobileNetV3 backbones.
+
+Importing densekit has no side effects: Hydra entry points call :func:`densekit.config.register_configs` themselves.
+"""
 from .inference import optimize_for_inference
 from .modeling.backbones import create_backbone, list_backbones
 from .modeling.build import build_model, create_model, list_models, load_model_config
 from .modeling.checkpoint_io import CheckpointError
-
-# Hydra tools compose conf/ against these schemas; registering on import keeps every entry point consistent.
-register_configs()
 
 __version__ = "0.1.0"
 __all__ = [

@@ -7,10 +7,7 @@ and wrong types with the key's full name, e.g. ``Key 'neck.chanels' not in 'Neck
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
-
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from typing import Optional
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -27,6 +24,7 @@ class BackboneConfig:
 
 @dataclass
 class NeckConfig:
+    type: str = "bifpn"  # a name in densekit.modeling.registry.NECKS
     min_level: int = 3
     max_level: int = 7
     channels: int = 64
@@ -99,7 +97,7 @@ class SegBackboneConfig(BackboneConfig):
 
 @dataclass
 class SegHeadConfig:
-    type: str = "eseg"  # eseg | lraspp
+    type: str = "eseg"  # a name in densekit.modeling.registry.SEG_HEADS: eseg | lraspp
     channels: Optional[int] = None  # eseg: conv width (None: the neck's); lraspp: inter_channels (None: 128)
     repeats: int = 2  # eseg: separable conv + BN + act blocks after the level fusion (lraspp: unused)
 
@@ -160,30 +158,14 @@ class TrainConfig:
     backbone_weights: Optional[str] = "auto"  # auto | none | <path>: backbone init when no full checkpoint is given
 
 
-SCHEMAS: dict[str, type] = {"efficientdet": EfficientDetConfig, "segmenter": SegmenterConfig}
-
-
-def resolve_model_config(cfg: Any, source: str = "model config") -> DictConfig:
-    """Merge a model config (dict / DictConfig) onto its architecture's schema.
-
-    Raises:
-        ValueError: unknown architecture, unknown key or wrong type, naming the key and ``source``.
-    """
-    arch = (cfg.get("arch") if hasattr(cfg, "get") else None) or "efficientdet"
-    if arch not in SCHEMAS:
-        raise ValueError(f"{source}: unknown arch {arch!r}; known: {sorted(SCHEMAS)}")
-    try:
-        return OmegaConf.merge(OmegaConf.structured(SCHEMAS[arch]), cfg)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"{source}: {err}") from None
-
-
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore, so YAML files can extend them and every schema key can be
     overridden from the command line (``model.postprocess.soft_nms=true``) without a ``+``."""
     from hydra.core.config_store import ConfigStore
 
+    from .modeling.build import META_ARCHS, schema_node  # late: the model modules register their schemas
+
     cs = ConfigStore.instance()
-    for arch, schema in SCHEMAS.items():
-        cs.store(group="model", name=f"_{arch}_schema", node=schema)
+    for arch in META_ARCHS:
+        cs.store(group="model", name=schema_node(arch), node=META_ARCHS.get(arch).schema)
     cs.store(group="train", name="_schema", node=TrainConfig)

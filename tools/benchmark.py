@@ -41,6 +41,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 import densekit
+from densekit.config import register_configs
 from densekit.inference import compile_frozen
 from densekit.utils import count_macs, count_parameters, format_count
 from densekit.utils.benchmarking import (
@@ -244,6 +245,9 @@ def report(r: dict) -> str:
             lines.append(f"densekit / {impl}, {mode:<11} mean {ratio['mean_ms']:.3f}x   median {ratio['median_ms']:.3f}x")
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="benchmark", version_base=None)

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 import densekit
+from densekit.config import register_configs
 from densekit.export import ExportError, check_onnx, export_onnx
 from densekit.modeling.weights import load_weights
 
@@ -58,6 +59,9 @@ def run(cfg: DictConfig) -> None:
     if cfg.export.check:
         diff = check_onnx(model, path, size, atol=cfg.export.atol)
         print(f"onnxruntime vs PyTorch: max abs difference {diff:.3g} (atol {cfg.export.atol:g})")
+
+
+register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base=None)

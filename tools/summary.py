@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 import densekit
+from densekit.config import register_configs
 from densekit.utils import PAPER, count_macs, count_parameters, format_count
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,9 @@ def summarize_segmenter(model: nn.Module, size: tuple[int, int]) -> str:
         f"  input {size[0]}x{size[1]}, logits {list(logits.shape)}",
     ]
     return "\n".join(lines)
+
+
+register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="summary", version_base=None)

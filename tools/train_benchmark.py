@@ -18,7 +18,8 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-import densekit  # noqa: F401  (registers the config schemas)
+import densekit
+from densekit.config import register_configs
 from densekit.data.build import build_detection_dataset
 from densekit.data.loader import build_loader
 from densekit.modeling.build import build_model
@@ -122,6 +123,9 @@ def report(r: dict) -> str:
     for k, v in r["loader_images_per_s"].items():
         lines.append(f"  loader ({k}, train transform): {v:8.1f} images/s")
     return "\n".join(lines)
+
+
+register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="train_benchmark", version_base=None)

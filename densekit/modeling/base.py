@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ class DenseModel(nn.Module):
         head: The task head; has ``num_classes``.
         pixel_mean: Per-channel mean of inputs in [0, 1].
         pixel_std: Per-channel standard deviation of inputs in [0, 1].
+        config: The resolved model config the model was built from (``model.config``; None for a hand-built model).
     """
 
     #: The methods :func:`densekit.optimize_for_inference` compiles: pure tensor functions of a stacked batch (input
@@ -42,8 +44,10 @@ class DenseModel(nn.Module):
         head: nn.Module,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        config: Any = None,
     ) -> None:
         super().__init__()
+        self.config = config
         self.backbone = backbone
         self.neck = neck
         self.head = head

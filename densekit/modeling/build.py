@@ -1,4 +1,9 @@
-"""Building models from ``conf/model`` entries: the Python twin of what Hydra composes for the tools."""
+"""Building models from ``conf/model`` entries: the Python twin of what Hydra composes for the tools.
+
+A model YAML names its architecture once, through the schema in its defaults list (``defaults:
+[_segmenter_schema, _self_]``); the schema's ``arch`` field carries the same name into the resolved config, and
+:data:`~densekit.modeling.registry.META_ARCHS` maps it to the builder.
+"""
 from __future__ import annotations
 
 import os
@@ -6,22 +11,49 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from ..config import resolve_model_config
-from .anchors import AnchorGenerator
-from .backbones import Backbone, create_backbone
-from .backbones.torchvision_backbone import TORCHVISION_BACKBONES
-from .box_coder import BoxCoder
-from .detector import EfficientDet
-from .heads.efficientdet import EfficientDetHead
-from .heads.eseg import ESegHead
-from .heads.lraspp import LRASPPHead
-from .losses import DetectionLoss
-from .matcher import ArgMaxMatcher
-from .necks.bifpn import BiFPN
-from .postprocess import DetectionPostprocessor
-from .segmenter import SegmentationLoss, Segmenter
+# The meta-architecture modules register themselves (schema + builder) in META_ARCHS on import.
+from . import detector, segmenter  # noqa: F401
+from .registry import META_ARCHS
+
+#: The architecture of a config that does not say (a partial dict handed to :func:`build_model`).
+DEFAULT_ARCH = "efficientdet"
+_SCHEMA_PREFIX, _SCHEMA_SUFFIX = "_", "_schema"
+
+
+def schema_node(arch: str) -> str:
+    """The Hydra ConfigStore name of ``arch``'s schema, as model YAMLs list it in their defaults."""
+    return f"{_SCHEMA_PREFIX}{arch}{_SCHEMA_SUFFIX}"
+
+
+def arch_of_yaml(raw: DictConfig, source: str) -> str:
+    """The architecture a model YAML names through the schema in its ``defaults`` list."""
+    for entry in raw.get("defaults") or []:
+        if isinstance(entry, str) and entry.startswith(_SCHEMA_PREFIX) and entry.endswith(_SCHEMA_SUFFIX):
+            return entry[len(_SCHEMA_PREFIX) : -len(_SCHEMA_SUFFIX)]
+    known = ", ".join(schema_node(a) for a in META_ARCHS)
+    raise ValueError(f"{source}: its defaults list names no model schema (one of {known})")
+
+
+def resolve_model_config(cfg: Any, source: str = "model config", arch: str | None = None) -> DictConfig:
+    """Merge a model config (dict / DictConfig) onto its architecture's schema.
+
+    Args:
+        cfg: The config; its ``arch`` key (or ``arch``, or :data:`DEFAULT_ARCH`) picks the schema.
+        source: What the config came from, quoted in errors.
+        arch: The architecture, when the caller knows it from elsewhere (a YAML's defaults list).
+
+    Raises:
+        ValueError: unknown architecture, unknown key or wrong type, naming the key and ``source``.
+    """
+    arch = arch or (cfg.get("arch") if hasattr(cfg, "get") else None) or DEFAULT_ARCH
+    try:
+        schema = META_ARCHS.get(arch).schema
+        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    except (ValueError, OmegaConfBaseException) as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def config_dir() -> Path:
@@ -42,8 +74,8 @@ def list_models(arch: str | None = None) -> list[str]:
     names = sorted(p.stem for p in model_dir.glob("*.yaml") if not p.stem.startswith("_"))
     if arch is None:
         return names
-    # A model's arch is in its YAML (the schema's default is efficientdet); reading the files costs milliseconds.
-    return [n for n in names if OmegaConf.load(model_dir / f"{n}.yaml").get("arch", "efficientdet") == arch]
+    # Reading the files' defaults lists costs milliseconds.
+    return [n for n in names if arch_of_yaml(OmegaConf.load(model_dir / f"{n}.yaml"), n) == arch]
 
 
 def load_model_config(name: str, **overrides: Any) -> DictConfig:
@@ -52,124 +84,17 @@ def load_model_config(name: str, **overrides: Any) -> DictConfig:
     if not path.is_file():
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     raw = OmegaConf.load(path)
-    raw.pop("defaults", None)  # Hydra's pointer to the schema, which resolve_model_config applies itself
+    arch = arch_of_yaml(raw, str(path))
+    raw.pop("defaults")  # Hydra's pointer to the schema, which resolve_model_config applies itself
     cfg = OmegaConf.merge(raw, OmegaConf.create(overrides))
-    return resolve_model_config(cfg, source=str(path))
-
-
-def build_bifpn(cfg: DictConfig, backbone: Backbone) -> BiFPN:
-    """The BiFPN of a detector or segmenter config (``cfg.neck`` plus the model-wide act / padding / BN keys)."""
-    lowest = min(s.level for s in backbone.feature_specs)
-    if lowest != cfg.neck.min_level:
-        raise ValueError(f"backbone.out_levels starts at {lowest} but neck.min_level is {cfg.neck.min_level}")
-    return BiFPN(
-        backbone.out_channels,
-        min_level=cfg.neck.min_level,
-        max_level=cfg.neck.max_level,
-        channels=cfg.neck.channels,
-        repeats=cfg.neck.repeats,
-        fusion=cfg.neck.fusion,
-        act=cfg.act,
-        tf_padding=cfg.tf_padding,
-        redundant_bias=cfg.redundant_bias,
-        bn_eps=cfg.bn_eps,
-        bn_momentum=cfg.bn_momentum,
-    )
-
-
-def build_efficientdet(cfg: DictConfig) -> EfficientDet:
-    """Assemble an :class:`EfficientDet` from a resolved config (see :class:`densekit.config.EfficientDetConfig`)."""
-    norm = dict(redundant_bias=cfg.redundant_bias, bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
-    backbone = create_backbone(
-        cfg.backbone.name,
-        out_levels=tuple(cfg.backbone.out_levels),
-        weights=cfg.backbone.weights,
-        pretrained=cfg.backbone.pretrained,
-        drop_path_rate=cfg.backbone.drop_path_rate,
-    )
-    neck = build_bifpn(cfg, backbone)
-    anchors = AnchorGenerator(
-        cfg.neck.min_level, cfg.neck.max_level, cfg.anchors.num_scales, cfg.anchors.aspect_ratios, cfg.anchors.anchor_scale
-    )
-    head = EfficientDetHead(
-        cfg.neck.channels,
-        cfg.num_classes,
-        anchors.num_anchors,
-        num_levels=cfg.neck.max_level - cfg.neck.min_level + 1,
-        repeats=cfg.head.repeats,
-        act=cfg.act,
-        **norm,
-    )
-    coder = BoxCoder()
-    post = cfg.postprocess
-    return EfficientDet(
-        backbone,
-        neck,
-        head,
-        anchors,
-        ArgMaxMatcher(coder, cfg.loss.match_iou),
-        DetectionLoss(cfg.loss.alpha, cfg.loss.gamma, cfg.loss.huber_delta, cfg.loss.box_loss_weight),
-        DetectionPostprocessor(
-            coder, post.pre_nms_top_k, post.nms_iou, post.max_detections, post.score_threshold, post.soft_nms, post.soft_nms_sigma
-        ),
-        cfg.pixel_mean,
-        cfg.pixel_std,
-    )
-
-
-SEG_HEADS = ("eseg", "lraspp")
-
-
-def _segmentation_backbone(cfg: DictConfig) -> Backbone:
-    """The backbone of a segmenter config: MobileNetV3 options go to torchvision, ``drop_path_rate`` to timm."""
-    b = cfg.backbone
-    common = dict(out_levels=tuple(b.out_levels), weights=b.weights, pretrained=b.pretrained)
-    if b.name in TORCHVISION_BACKBONES:
-        return create_backbone(
-            b.name, dilated=b.dilated, reduced_tail=b.reduced_tail, stage_start_levels=tuple(b.stage_start_levels), **common
-        )
-    used = [k for k in ("dilated", "reduced_tail", "stage_start_levels") if b[k]]
-    if used:
-        options = ', '.join(TORCHVISION_BACKBONES)
-        raise ValueError(f"backbone.{used[0]} is a MobileNetV3 option ({options}), not for {b.name!r}")
-    return create_backbone(b.name, drop_path_rate=b.drop_path_rate, **common)
-
-
-def build_segmenter(cfg: DictConfig) -> Segmenter:
-    """Assemble a :class:`Segmenter` from a resolved config (see :class:`densekit.config.SegmenterConfig`)."""
-    norm = dict(bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
-    if cfg.head.type not in SEG_HEADS:
-        raise ValueError(f"unknown segmentation head type {cfg.head.type!r}; choose one of {', '.join(SEG_HEADS)}")
-    backbone = _segmentation_backbone(cfg)
-    neck = None
-    channels = backbone.out_channels
-    if cfg.neck is not None:
-        neck = build_bifpn(cfg, backbone)
-        channels = [cfg.neck.channels] * (cfg.neck.max_level - cfg.neck.min_level + 1)
-    head: nn.Module
-    if cfg.head.type == "lraspp":
-        if len(channels) < 2:
-            raise ValueError(f"the lraspp head needs a stride-8 and a stride-16 feature; got {backbone.feature_specs}")
-        head = LRASPPHead(channels[0], channels[-1], cfg.num_classes, inter_channels=cfg.head.channels or 128, **norm)
-    else:
-        if len(set(channels)) != 1:
-            raise ValueError(f"the eseg head fuses levels of one width; got widths {channels} (add a neck)")
-        head = ESegHead(
-            channels[0], len(channels), cfg.num_classes, cfg.head.channels, cfg.head.repeats, act=cfg.act, **norm
-        )
-    loss = SegmentationLoss(cfg.ignore_index, cfg.loss.ohem, cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept)
-    return Segmenter(backbone, neck, head, loss, cfg.pixel_mean, cfg.pixel_std)
-
-
-_BUILDERS = {"efficientdet": build_efficientdet, "segmenter": build_segmenter}
+    return resolve_model_config(cfg, source=str(path), arch=arch)
 
 
 def build_model(cfg: Any) -> nn.Module:
-    """Build a model from a (possibly partial) model config, e.g. Hydra's ``cfg.model``."""
+    """Build a model from a (possibly partial) model config, e.g. Hydra's ``cfg.model``; ``model.config`` is the
+    resolved config."""
     cfg = resolve_model_config(cfg)
-    model = _BUILDERS[cfg.arch](cfg)
-    model.config = cfg
-    return model
+    return META_ARCHS.get(cfg.arch).build(cfg)
 
 
 def create_model(name: str, num_classes: int | None = None, weights: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from ..config import EfficientDetConfig
 from .anchors import AnchorGenerator
-from .backbones import Backbone
+from .backbones import Backbone, build_backbone
 from .base import DenseModel, Images
+from .box_coder import BoxCoder
 from .heads.efficientdet import EfficientDetHead
 from .losses import DetectionLoss
 from .matcher import ArgMaxMatcher
 from .necks.bifpn import BiFPN
 from .postprocess import DetectionPostprocessor, flatten_levels, level_views
+from . import necks  # noqa: F401  (registers the necks)
+from .registry import META_ARCHS, NECKS, MetaArch
 
 
 class EfficientDet(DenseModel):
@@ -39,8 +44,9 @@ class EfficientDet(DenseModel):
         postprocessor: DetectionPostprocessor,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        config: Any = None,
     ) -> None:
-        super().__init__(backbone, neck, head, pixel_mean, pixel_std)
+        super().__init__(backbone, neck, head, pixel_mean, pixel_std, config)
         self.anchor_generator = anchor_generator
         self.matcher = matcher
         self.loss = loss
@@ -90,3 +96,42 @@ class EfficientDet(DenseModel):
             boxes[i, :n] = t["boxes"].to(device)
             labels[i, :n] = lab
         return boxes, labels
+
+
+def build_efficientdet(cfg: Any) -> EfficientDet:
+    """Assemble an :class:`EfficientDet` from a resolved config (see :class:`densekit.config.EfficientDetConfig`)."""
+    backbone = build_backbone(cfg.backbone)
+    neck = NECKS.get(cfg.neck.type)(cfg, backbone)
+    anchors = AnchorGenerator(
+        cfg.neck.min_level, cfg.neck.max_level, cfg.anchors.num_scales, cfg.anchors.aspect_ratios, cfg.anchors.anchor_scale
+    )
+    head = EfficientDetHead(
+        cfg.neck.channels,
+        cfg.num_classes,
+        anchors.num_anchors,
+        num_levels=cfg.neck.max_level - cfg.neck.min_level + 1,
+        repeats=cfg.head.repeats,
+        act=cfg.act,
+        redundant_bias=cfg.redundant_bias,
+        bn_eps=cfg.bn_eps,
+        bn_momentum=cfg.bn_momentum,
+    )
+    coder = BoxCoder()
+    post = cfg.postprocess
+    return EfficientDet(
+        backbone,
+        neck,
+        head,
+        anchors,
+        ArgMaxMatcher(coder, cfg.loss.match_iou),
+        DetectionLoss(cfg.loss.alpha, cfg.loss.gamma, cfg.loss.huber_delta, cfg.loss.box_loss_weight),
+        DetectionPostprocessor(
+            coder, post.pre_nms_top_k, post.nms_iou, post.max_detections, post.score_threshold, post.soft_nms, post.soft_nms_sigma
+        ),
+        cfg.pixel_mean,
+        cfg.pixel_std,
+        config=cfg,
+    )
+
+
+META_ARCHS.register("efficientdet")(MetaArch(EfficientDetConfig, build_efficientdet))

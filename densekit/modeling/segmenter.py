@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone
+from ..config import SegmenterConfig
+from .backbones import Backbone, build_backbone
 from .base import DenseModel, Images
+from . import heads, necks  # noqa: F401  (register the segmentation heads and necks)
+from .registry import META_ARCHS, NECKS, SEG_HEADS, MetaArch
 
 
 class SegmentationLoss(nn.Module):
@@ -96,8 +100,9 @@ class Segmenter(DenseModel):
         loss: SegmentationLoss,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        config: Any = None,
     ) -> None:
-        super().__init__(backbone, neck, head, pixel_mean, pixel_std)
+        super().__init__(backbone, neck, head, pixel_mean, pixel_std, config)
         self.loss = loss
 
     @property
@@ -157,3 +162,16 @@ class Segmenter(DenseModel):
                 raise ValueError(f"target {i}: sem_seg must be [{h}, {w}] like its image, got {list(sem.shape)}")
             out[i, :h, :w] = sem
         return out
+
+
+def build_segmenter(cfg: Any) -> Segmenter:
+    """Assemble a :class:`Segmenter` from a resolved config (see :class:`densekit.config.SegmenterConfig`)."""
+    build_head = SEG_HEADS.get(cfg.head.type)  # before building anything: an unknown head fails fast
+    backbone = build_backbone(cfg.backbone)
+    neck = NECKS.get(cfg.neck.type)(cfg, backbone) if cfg.neck is not None else None
+    head = build_head(cfg, neck.out_channels if neck is not None else backbone.out_channels)
+    loss = SegmentationLoss(cfg.ignore_index, cfg.loss.ohem, cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept)
+    return Segmenter(backbone, neck, head, loss, cfg.pixel_mean, cfg.pixel_std, config=cfg)
+
+
+META_ARCHS.register("segmenter")(MetaArch(SegmenterConfig, build_segmenter))

@@ -23,6 +23,7 @@ __all__ = [
     "FeatureSpec",
     "MobileNetV3Backbone",
     "TimmBackbone",
+    "build_backbone",
     "convert_efficientnet_pytorch",
     "create_backbone",
     "is_efficientnet_pytorch_layout",
@@ -71,6 +72,30 @@ def create_backbone(
     if weights is not None:
         backbone.load_weights(read_state_dict(weights), source=f"weights file {weights}")
     return backbone
+
+
+#: Backbone config keys only torchvision's MobileNetV3 understands (timm models must leave them unset).
+MOBILENET_OPTIONS = ("dilated", "reduced_tail", "stage_start_levels")
+
+
+def build_backbone(cfg: Any) -> Backbone:
+    """The backbone a model config's ``backbone`` node describes (:class:`densekit.config.BackboneConfig`).
+
+    MobileNetV3 options go to torchvision's backbones, ``drop_path_rate`` to timm's; a MobileNetV3 option set on a
+    timm backbone is refused rather than silently dropped.
+    """
+    common: dict[str, Any] = dict(out_levels=tuple(cfg.out_levels), weights=cfg.weights, pretrained=cfg.pretrained)
+    options = {key: cfg.get(key) for key in MOBILENET_OPTIONS if cfg.get(key)}
+    if cfg.name in TORCHVISION_BACKBONES:
+        if "stage_start_levels" in options:
+            options["stage_start_levels"] = tuple(options["stage_start_levels"])
+        return create_backbone(cfg.name, **options, **common)
+    if options:
+        raise ValueError(
+            f"backbone.{next(iter(options))} is a MobileNetV3 option ({', '.join(TORCHVISION_BACKBONES)}), "
+            f"not for {cfg.name!r}"
+        )
+    return create_backbone(cfg.name, drop_path_rate=cfg.drop_path_rate, **common)
 
 
 def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[str]:

@@ -6,11 +6,14 @@ BiFPN, so the head stays at stride 8 and small; the meta-architecture upsamples 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import SeparableConv2d, create_act, create_norm
+from ..registry import SEG_HEADS
 
 
 class ESegHead(nn.Module):
@@ -65,3 +68,14 @@ class ESegHead(nn.Module):
         for wi, x in zip(w[1:], features[1:]):
             fused = fused + wi * F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return self.classifier(self.convs(fused))
+
+
+@SEG_HEADS.register("eseg")
+def build_eseg_head(cfg: Any, in_channels: list[int]) -> ESegHead:
+    """The ESeg head of a segmenter config on pyramid features of ``in_channels`` (one width for all levels)."""
+    if len(set(in_channels)) != 1:
+        raise ValueError(f"the eseg head fuses levels of one width; got widths {in_channels} (add a neck)")
+    return ESegHead(
+        in_channels[0], len(in_channels), cfg.num_classes, cfg.head.channels, cfg.head.repeats, act=cfg.act,
+        bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum,
+    )

@@ -11,9 +11,13 @@ Sub-module names (``cbr``, ``scale``, ``low_classifier``, ``high_classifier``) a
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..registry import SEG_HEADS
 
 
 class LRASPPHead(nn.Module):
@@ -58,3 +62,14 @@ class LRASPPHead(nn.Module):
         x = self.cbr(high) * self.scale(high)
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.low_classifier(low) + self.high_classifier(x)
+
+
+@SEG_HEADS.register("lraspp")
+def build_lraspp_head(cfg: Any, in_channels: list[int]) -> LRASPPHead:
+    """The LR-ASPP head of a segmenter config on features of ``in_channels`` (finest first)."""
+    if len(in_channels) < 2:
+        raise ValueError(f"the lraspp head needs a stride-8 and a stride-16 feature; got widths {in_channels}")
+    return LRASPPHead(
+        in_channels[0], in_channels[-1], cfg.num_classes, inter_channels=cfg.head.channels or 128,
+        bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum,
+    )

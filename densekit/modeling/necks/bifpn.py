@@ -8,11 +8,14 @@ differ) and stride-2 max-pooling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import Backbone
+from ..registry import NECKS
 from ..layers import ConvNorm, SeparableConv2d, create_act, create_downsample, create_norm, glorot_uniform_
 
 FUSIONS = ("fast", "softmax", "sum")
@@ -206,6 +209,10 @@ class BiFPN(nn.Module):
     def out_strides(self) -> list[int]:
         return [2**level for level in range(self.min_level, self.max_level + 1)]
 
+    @property
+    def out_channels(self) -> list[int]:
+        return [self.channels] * (self.max_level - self.min_level + 1)
+
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Fuse backbone features (finest first) into ``max_level - min_level + 1`` maps of ``channels``."""
         features = list(features)
@@ -214,3 +221,24 @@ class BiFPN(nn.Module):
         for layer in self.layers:
             features = layer(features)
         return features
+
+
+@NECKS.register("bifpn")
+def build_bifpn(cfg: Any, backbone: Backbone) -> BiFPN:
+    """The BiFPN of a detector or segmenter config (``cfg.neck`` plus the model-wide act / padding / BN keys)."""
+    lowest = min(s.level for s in backbone.feature_specs)
+    if lowest != cfg.neck.min_level:
+        raise ValueError(f"backbone.out_levels starts at {lowest} but neck.min_level is {cfg.neck.min_level}")
+    return BiFPN(
+        backbone.out_channels,
+        min_level=cfg.neck.min_level,
+        max_level=cfg.neck.max_level,
+        channels=cfg.neck.channels,
+        repeats=cfg.neck.repeats,
+        fusion=cfg.neck.fusion,
+        act=cfg.act,
+        tf_padding=cfg.tf_padding,
+        redundant_bias=cfg.redundant_bias,
+        bn_eps=cfg.bn_eps,
+        bn_momentum=cfg.bn_momentum,
+    )
