@@ -15,15 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from densekit.config import register_configs
-from densekit.data.build import label_map_for_model
-from densekit.data.loader import build_loader
 from densekit.engine import distributed as dist_utils
 from densekit.engine.checkpoint import load_checkpoint
-from densekit.engine.tasks import build_dataset, check_model_fits_task, make_evaluate, num_classes_of
 from densekit.inference import optimize_for_inference
 from densekit.modeling.build import build_model
 from densekit.modeling.checkpoint_io import read_state_dict
 from densekit.modeling.weights import load_state_dict_any
+from densekit.tasks import get_task
 from densekit.utils.files import atomic_save_json
 
 log = logging.getLogger("densekit.eval")
@@ -42,8 +40,8 @@ def read_eval_weights(path: str, prefer_ema: bool) -> tuple[dict, str, int | Non
 def evaluate(cfg: DictConfig) -> dict:
     _, world_size, device = dist_utils.init_distributed()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    task = check_model_fits_task(cfg)
-    dataset = build_dataset(cfg, cfg.data.split, train=False)
+    task = get_task(cfg)
+    dataset = task.build_dataset(cfg, cfg.data.split, train=False)
     model_cfg = cfg.model
     if cfg.weights:
         state_dict, what, recorded_classes = read_eval_weights(cfg.weights, cfg.eval.ema)
@@ -52,10 +50,7 @@ def evaluate(cfg: DictConfig) -> dict:
     elif not cfg.eval.allow_random_weights:
         raise ValueError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
     model = build_model(model_cfg)  # num_classes: the run's, the config's, or 90 for the public COCO checkpoints
-    if task == "detection":
-        label_map_for_model(dataset, model.num_classes)  # refuse a class-count mismatch before any work
-    elif model.num_classes != num_classes_of(dataset):
-        raise ValueError(f"model has {model.num_classes} classes, {cfg.data.name} has {num_classes_of(dataset)}")
+    task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
     if cfg.weights:
         load_state_dict_any(model, state_dict, what)
     else:
@@ -65,9 +60,9 @@ def evaluate(cfg: DictConfig) -> dict:
         model = optimize_for_inference(
             model, channels_last=cfg.eval.channels_last, fold_bn=cfg.eval.fold_bn, compile=cfg.eval.compile
         )
-    loader = build_loader(dataset, cfg.eval.batch_size, train=False, num_workers=cfg.eval.num_workers, distributed=world_size > 1)
+    loader = task.build_loader(dataset, cfg.eval.batch_size, False, cfg.eval.num_workers, world_size > 1)
     log.info("evaluating %s (%s) on %s", cfg.model.name, what, dataset)
-    metrics = make_evaluate(cfg, dataset, loader, device, out_dir)(model)
+    metrics = task.make_evaluate(cfg, dataset, loader, device, out_dir)(model)
     if dist_utils.is_main_process():
         record = {"model": cfg.model.name, "weights": cfg.weights, "data": cfg.data.name, "split": cfg.data.split, **metrics}
         atomic_save_json(record, out_dir / "metrics.json")

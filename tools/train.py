@@ -16,14 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from densekit.config import register_configs
-from densekit.data.loader import build_loader
 from densekit.engine import distributed as dist_utils
-from densekit.engine.tasks import build_dataset, check_model_fits_task, headline, make_evaluate, num_classes_of
 from densekit.engine.trainer import TrainConfig, Trainer
 from densekit.modeling.backbones.packaged_weights import packaged_weights
 from densekit.modeling.build import build_model
 from densekit.modeling.checkpoint_io import read_state_dict
 from densekit.modeling.weights import load_weights
+from densekit.tasks import get_task
 
 log = logging.getLogger("densekit.train")
 
@@ -45,10 +44,10 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg.train))
     torch.manual_seed(train_cfg.seed)
-    check_model_fits_task(cfg)
-    train_set = build_dataset(cfg, cfg.data.train_split, train=True)
-    val_set = build_dataset(cfg, cfg.data.split, train=False)
-    model_cfg = OmegaConf.merge(cfg.model, {"num_classes": num_classes_of(train_set)})
+    task = get_task(cfg)
+    train_set = task.build_dataset(cfg, cfg.data.train_split, train=True)
+    val_set = task.build_dataset(cfg, cfg.data.split, train=False)
+    model_cfg = OmegaConf.merge(cfg.model, {"num_classes": task.num_classes(train_set)})
     model = build_model(model_cfg)
     if cfg.weights:
         load_weights(model, cfg.weights)
@@ -59,10 +58,10 @@ def train(cfg: DictConfig) -> dict:
         init = "model.backbone config"
 
     distributed = world_size > 1
-    loader = build_loader(train_set, train_cfg.batch_size, train=True, num_workers=train_cfg.num_workers, distributed=distributed, seed=train_cfg.seed)
-    val_loader = build_loader(val_set, cfg.eval.batch_size, train=False, num_workers=train_cfg.num_workers, distributed=distributed)
+    loader = task.build_loader(train_set, train_cfg.batch_size, True, train_cfg.num_workers, distributed, seed=train_cfg.seed)
+    val_loader = task.build_loader(val_set, cfg.eval.batch_size, False, train_cfg.num_workers, distributed)
 
-    evaluate = make_evaluate(cfg, val_set, val_loader, device, out_dir)
+    evaluate = task.make_evaluate(cfg, val_set, val_loader, device, out_dir)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config["model"] = OmegaConf.to_container(model.config, resolve=True)  # with the dataset's class count
     trainer = Trainer(model, loader, train_cfg, out_dir, device, evaluate, config_to_save=run_config)
@@ -76,7 +75,7 @@ def train(cfg: DictConfig) -> dict:
         images = trainer.total_steps * train_cfg.batch_size * world_size
         print(
             f"\n{cfg.model.name} on {cfg.data.name}: {trainer.total_steps} steps, {images} images in {minutes:.1f} min\n"
-            f"{headline(metrics)}  (EMA weights: {train_cfg.ema_decay > 0})\n"
+            f"{task.headline(metrics)}  (EMA weights: {train_cfg.ema_decay > 0})\n"
             f"run directory: {out_dir}  (checkpoints/, metrics.json, tensorboard/, train.log)"
         )
     dist_utils.cleanup_distributed()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import densekit
 from densekit.config import register_configs
-from densekit.data.build import build_detection_dataset
+from densekit.tasks.detection import build_coco_dataset
 from densekit.data.loader import build_loader
 from densekit.modeling.build import build_model
 from densekit.utils import effdet_counterpart
@@ -72,7 +72,7 @@ def effdet_step(model: torch.nn.Module, images: torch.Tensor, targets: list[dict
 
 def time_loader(cfg: DictConfig, size: int) -> dict[str, float]:
     data_cfg = OmegaConf.merge(cfg.data, {"image_size": size})
-    dataset = build_detection_dataset(data_cfg, data_cfg.train_split, size, train=True)
+    dataset = build_coco_dataset(data_cfg, data_cfg.train_split, size, train=True)
     out = {}
     for workers in cfg.bench.num_workers:
         loader = build_loader(dataset, cfg.bench.batch_size, train=True, num_workers=workers)

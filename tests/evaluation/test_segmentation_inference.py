@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import densekit
-from densekit.engine.evaluate import predict_segmentation
+from densekit.evaluation.loop import predict_segmentation
 
 
 def test_multiscale_flip_prediction_averages_views() -> None:

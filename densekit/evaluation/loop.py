@@ -1,10 +1,11 @@
-"""Evaluation as the tools run it: detection (COCO metrics or a test-dev submission) and segmentation (Cityscapes
-mIoU, labelId PNGs), with pictures."""
+"""The evaluation loops beside their evaluators: a model run over a loader (:func:`run_inference`), detection (COCO
+metrics or a test-dev submission) and segmentation (Cityscapes mIoU, labelId PNGs), with pictures."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -13,15 +14,40 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data.build import label_map_for_model
 from ..data.coco import read_image
-from ..evaluation.cityscapes import CityscapesEvaluator, colorize, format_cityscapes_table, write_predictions
-from ..evaluation.coco import CocoEvaluator, format_coco_table, write_results_json, write_test_dev_submission
+from ..engine import distributed as dist_utils
 from ..utils.visualize import draw_detections, save_image
-from . import distributed as dist_utils
-from .inference import run_inference
+from .cityscapes import CityscapesEvaluator, colorize, format_cityscapes_table, write_predictions
+from .coco import CocoEvaluator, format_coco_table, write_results_json, write_test_dev_submission
 
 log = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    def update(self, outputs: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]]) -> None: ...
+
+    def evaluate(self) -> dict[str, Any]: ...
+
+
+@torch.inference_mode()
+def run_inference(
+    model: nn.Module,
+    loader: Iterable,
+    evaluator: Evaluator,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Feed every batch through ``model`` in eval mode and return ``evaluator.evaluate()``."""
+    was_training = model.training
+    model.eval()
+    for images, targets in tqdm(loader, desc=desc, dynamic_ncols=True, leave=False):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(images.to(device, non_blocking=True))
+        outputs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
+        evaluator.update(outputs, targets)
+    model.train(was_training)
+    return evaluator.evaluate()
 
 
 def evaluate_detector(
@@ -32,17 +58,18 @@ def evaluate_detector(
     output_dir: str | Path,
     split: str,
     model_name: str,
+    label_map: list[int],
     score_threshold: float = 0.001,
     visualize: int = 0,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a COCO-format ``dataset`` (collective under torch.distributed).
 
     Writes ``detections_<split>.json`` (COCO results: original ids, xywh in original pixels) and, for a split
-    without annotations (test-dev), the evaluation-server json + zip instead of metrics. Returns the metrics
-    (empty for test-dev); the main process also prints the COCO table.
+    without annotations (test-dev), the evaluation-server json + zip instead of metrics. ``label_map`` maps model
+    labels to the dataset's category ids. Returns the metrics (empty for test-dev); the main process also prints the
+    COCO table.
     """
     output_dir = Path(output_dir)
-    label_map = label_map_for_model(dataset, model.num_classes)
     class_names = [dataset.coco.cats[c]["name"] if c in dataset.coco.cats else str(c) for c in label_map]
     evaluator = CocoEvaluator(dataset.coco, label_map, class_names, score_threshold=score_threshold)
     has_annotations = len(dataset.coco.getAnnIds()) > 0

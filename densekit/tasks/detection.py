@@ -1,0 +1,165 @@
+"""Object detection: COCO-format data, EfficientDet models, COCO AP through pycocotools."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.coco import CocoDetection, coco_paths
+from ..data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
+from ..data.transforms import build_eval_transform, build_train_transform
+from ..evaluation.loop import evaluate_detector
+from ..utils import PAPER, count_macs, count_parameters, format_count
+from .base import TASKS, EvaluateFn, Task
+
+COCO_ID_HEAD = 90  # the public EfficientDet checkpoints predict COCO category ids 1-90 as labels 0-89
+
+
+def input_size(data_cfg: Any, model_cfg: Any) -> int:
+    """Square training / evaluation resolution: ``data.image_size`` or else the model's."""
+    if data_cfg.get("image_size"):
+        return int(data_cfg.image_size)
+    h, w = model_cfg.image_size
+    if h != w:
+        raise ValueError(f"model.image_size {list(model_cfg.image_size)} is not square; set data.image_size")
+    return int(h)
+
+
+def fill_of(pixel_mean: Any) -> dict[str, tuple[int, ...]]:
+    """Transform padding in 0-255 units from a model's ``pixel_mean`` (0-1 units): padded pixels normalise to zero."""
+    return {} if pixel_mean is None else {"fill": tuple(round(255 * m) for m in pixel_mean)}
+
+
+def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, pixel_mean: Any = None) -> CocoDetection:
+    """A COCO-format dataset for ``split`` with the train or eval transform at ``image_size``.
+
+    The synthetic dataset is generated under ``data.root`` on first use when ``data.generate`` is set.
+    """
+    root = Path(data_cfg.root)
+    if data_cfg.get("generate", False):
+        ensure_synthetic_coco(root, num_train=data_cfg.get("num_train", 400), num_val=data_cfg.get("num_val", 50))
+        image_dir, ann_file = synthetic_coco_paths(root, split)
+    else:
+        image_dir, ann_file = coco_paths(root, split)
+    aug = data_cfg.augment
+    transform = (
+        build_train_transform(
+            image_size, scale_range=tuple(aug.scale_range), hflip=aug.hflip, color_jitter=aug.color_jitter, **fill_of(pixel_mean)
+        )
+        if train
+        else build_eval_transform(image_size, **fill_of(pixel_mean))
+    )
+    return CocoDetection(image_dir, ann_file, transform=transform, train=train)
+
+
+def label_map_for_model(dataset: CocoDetection, num_classes: int) -> list[int]:
+    """Model label -> dataset category id.
+
+    A head trained on this dataset has one output per category (contiguous labels). A 90-class head (the public
+    COCO checkpoints) predicts category ``id`` as label ``id - 1``. Anything else cannot be scored on this dataset.
+    """
+    if num_classes == dataset.num_classes:
+        return list(dataset.label_to_cat_id)
+    if num_classes == COCO_ID_HEAD and max(dataset.label_to_cat_id) <= COCO_ID_HEAD:
+        return list(range(1, COCO_ID_HEAD + 1))
+    raise ValueError(
+        f"the model has {num_classes} classes but {dataset.ann_file} has {dataset.num_classes} categories "
+        f"(ids {dataset.label_to_cat_id[:10]}...); train with model.num_classes={dataset.num_classes}"
+    )
+
+
+def versus(ours: float, paper: float | None, scale: float, suffix: str, spec: str) -> str:
+    """``"3.9M (-0.5%)"``: the paper's number, printed as precisely as it is published, and ours relative to it."""
+    if paper is None:
+        return "-"
+    return f"{paper / scale:{spec}}{suffix} ({(ours - paper) / paper * 100:+.1f}%)"
+
+
+class DetectionTask(Task):
+    """Boxes and classes: COCO json + images in, COCO AP out."""
+
+    name = "detection"
+    arch = "efficientdet"
+    data_formats = ("coco",)
+
+    def build_dataset(self, cfg: Any, split: str, train: bool) -> CocoDetection:
+        size = input_size(cfg.data, cfg.model)
+        return build_coco_dataset(cfg.data, split, size, train=train, pixel_mean=cfg.model.pixel_mean)
+
+    def num_classes(self, dataset: CocoDetection) -> int:
+        return int(dataset.num_classes)
+
+    def check_model_fits_data(self, model: nn.Module, dataset: CocoDetection) -> None:
+        label_map_for_model(dataset, model.num_classes)
+
+    def make_evaluate(self, cfg: Any, dataset: CocoDetection, loader: DataLoader, device: torch.device, out_dir: Path) -> EvaluateFn:
+        return lambda model: evaluate_detector(
+            model, dataset, loader, device, out_dir, cfg.data.split, cfg.model.name,
+            label_map_for_model(dataset, model.num_classes),
+            score_threshold=cfg.eval.score_threshold, visualize=cfg.eval.visualize,
+        )
+
+    def headline(self, metrics: dict[str, Any]) -> str:
+        nan = float("nan")
+        return f"AP {metrics.get('AP', nan):.3f}  AP50 {metrics.get('AP50', nan):.3f}  AP75 {metrics.get('AP75', nan):.3f}"
+
+    def summary(self, model: nn.Module, size: tuple[int, int]) -> str:
+        cfg = model.config
+        paper = PAPER.get(cfg.name)
+        neck = cfg.neck
+        lines = [
+            f"model     {cfg.name}  ({cfg.arch}, {cfg.num_classes} classes, act {cfg.act})",
+            f"backbone  {cfg.backbone.name}: levels {', '.join(f'P{s.level} ({s.channels} ch)' for s in model.backbone.feature_specs)}",
+            f"neck      BiFPN P{neck.min_level}-P{neck.max_level}, {neck.channels} ch x {neck.repeats} repeats, "
+            f"fusion {neck.fusion}",
+            f"head      {cfg.head.repeats} repeats (class and box nets)",
+            "",
+            f"{'parameters':<22}{'densekit':>14}   paper",
+        ]
+        parts = {"backbone": model.backbone, "neck": model.neck, "head": model.head}
+        counts = {part: count_parameters(module) for part, module in parts.items()}
+        total = count_parameters(model)
+        lines += [f"  {part:<20}{n:>14,}   -" for part, n in counts.items()]
+        if total != sum(counts.values()):
+            lines.append(f"  {'other':<20}{total - sum(counts.values()):>14,}   -")
+        lines.append(f"  {'total':<20}{total:>14,}   {versus(total, paper.params if paper else None, 1e6, 'M', '.1f')}")
+        with torch.no_grad():
+            cls_out, box_out = model.forward_raw(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
+        return "\n".join(lines + self._macs_lines(model, size, paper) + self._level_lines(model, cls_out, box_out))
+
+    @staticmethod
+    def _macs_lines(model: nn.Module, size: tuple[int, int], paper: Any) -> list[str]:
+        cfg = model.config
+        macs = count_macs(model, size)
+        run = model.padded_size(size)  # the input is padded to a multiple of the backbone's stride
+        at_config = list(size) == list(cfg.image_size)
+        size_note = "the config's" if at_config else f"config: {cfg.image_size[0]}x{cfg.image_size[1]}"
+        padded = f", padded to {run[0]}x{run[1]} (a multiple of {model.size_divisor})" if run != tuple(size) else ""
+        paper_macs = paper.macs if paper and at_config else None  # the paper's MACs hold at its own input size only
+        return [
+            f"{'MACs':<22}{format_count(macs):>14}   {versus(macs, paper_macs, 1e9, 'B', '.3g')}",
+            f"  input {size[0]}x{size[1]} ({size_note}){padded}",
+        ]
+
+    @staticmethod
+    def _level_lines(model: nn.Module, cls_out: list[torch.Tensor], box_out: list[torch.Tensor]) -> list[str]:
+        cfg = model.config
+        per_location = model.anchor_generator.num_anchors
+        locations = sum(t.shape[-2] * t.shape[-1] for t in cls_out)
+        lines = [
+            f"anchors   {per_location} per location ({cfg.anchors.num_scales} scales x {len(cfg.anchors.aspect_ratios)} "
+            f"aspect ratios), {per_location * locations:,} in total, anchor_scale {cfg.anchors.anchor_scale:g}",
+            "",
+            f"{'level':<7}{'stride':>6}  {'feature HxW':<13}{'class logits':<22}box regression",
+        ]
+        for level, (c, b) in enumerate(zip(cls_out, box_out), start=cfg.neck.min_level):
+            lines.append(
+                f"P{level:<6}{2 ** level:>6}  {f'{c.shape[-2]}x{c.shape[-1]}':<13}{str(list(c.shape)):<22}{list(b.shape)}"
+            )
+        return lines
+
+
+TASKS.register(DetectionTask.name)(DetectionTask())

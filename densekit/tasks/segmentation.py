@@ -1,0 +1,99 @@
+"""Semantic segmentation: Cityscapes-layout data, ESeg / LR-ASPP segmenters, mIoU equal to cityscapesscripts'."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.cityscapes import NUM_CLASSES as CITYSCAPES_NUM_CLASSES
+from ..data.cityscapes import CityscapesSegmentation
+from ..data.seg_transforms import build_seg_eval_transform, build_seg_train_transform
+from ..data.synthetic_cityscapes import ensure_synthetic_cityscapes
+from ..evaluation.loop import evaluate_segmenter
+from ..utils import count_macs, count_parameters, format_count
+from .base import TASKS, EvaluateFn, Task
+from .detection import fill_of
+
+
+def build_cityscapes_dataset(data_cfg: Any, split: str, train: bool, pixel_mean: Any = None) -> CityscapesSegmentation:
+    """A Cityscapes-layout dataset for ``split``: random scale / crop / flip in training, full resolution in eval.
+
+    The synthetic Cityscapes is generated under ``data.root`` on first use when ``data.generate`` is set.
+    """
+    if data_cfg.get("generate", False):
+        ensure_synthetic_cityscapes(
+            data_cfg.root, num_train=data_cfg.num_train, num_val=data_cfg.num_val, size=tuple(data_cfg.synthetic_size)
+        )
+    if train:
+        aug = data_cfg.augment
+        transform = build_seg_train_transform(
+            crop_size=tuple(data_cfg.crop_size), scale_range=tuple(aug.scale_range), hflip=aug.hflip,
+            color_jitter=aug.color_jitter, **fill_of(pixel_mean),
+        )
+    else:
+        size = data_cfg.get("eval_size")
+        transform = build_seg_eval_transform(tuple(size) if size else None)
+    return CityscapesSegmentation(data_cfg.root, split, transform=transform)
+
+
+class SegmentationTask(Task):
+    """A class per pixel: images + label PNGs in, mIoU and per-class IoU out."""
+
+    name = "segmentation"
+    arch = "segmenter"
+    data_formats = ("cityscapes",)
+
+    def build_dataset(self, cfg: Any, split: str, train: bool) -> CityscapesSegmentation:
+        return build_cityscapes_dataset(cfg.data, split, train=train, pixel_mean=cfg.model.pixel_mean)
+
+    def num_classes(self, dataset: CityscapesSegmentation) -> int:
+        return int(getattr(dataset, "num_classes", CITYSCAPES_NUM_CLASSES))
+
+    def check_model_fits_data(self, model: nn.Module, dataset: CityscapesSegmentation) -> None:
+        if model.num_classes != self.num_classes(dataset):
+            raise ValueError(f"model has {model.num_classes} classes, {dataset} has {self.num_classes(dataset)}")
+
+    def make_evaluate(
+        self, cfg: Any, dataset: CityscapesSegmentation, loader: DataLoader, device: torch.device, out_dir: Path
+    ) -> EvaluateFn:
+        return lambda model: evaluate_segmenter(
+            model, dataset, loader, device, out_dir, cfg.data.split,
+            scales=tuple(cfg.data.get("eval_scales", [1.0])), flip=bool(cfg.data.get("eval_flip", False)),
+            write_pngs=bool(cfg.data.get("write_predictions", False)), visualize=cfg.eval.visualize,
+        )
+
+    def headline(self, metrics: dict[str, Any]) -> str:
+        return f"mIoU {metrics['mIoU']:.3f}  pixel accuracy {metrics.get('pixel_acc', float('nan')):.3f}"
+
+    def summary(self, model: nn.Module, size: tuple[int, int]) -> str:
+        cfg = model.config
+        specs = model.backbone.feature_specs
+        parts = {"backbone": model.backbone, "neck": model.neck, "head": model.head}
+        neck = (
+            f"BiFPN P{cfg.neck.min_level}-P{cfg.neck.max_level}, {cfg.neck.channels} ch x {cfg.neck.repeats} repeats, "
+            f"fusion {cfg.neck.fusion}" if model.neck is not None else "none"
+        )
+        lines = [
+            f"model     {cfg.name}  ({cfg.arch}, {cfg.num_classes} classes, ignore {cfg.ignore_index}, act {cfg.act})",
+            f"backbone  {cfg.backbone.name}: levels {', '.join(f'P{s.level} (stride {s.stride}, {s.channels} ch)' for s in specs)}",
+            f"neck      {neck}",
+            f"head      {cfg.head.type}",
+            "",
+            f"{'parameters':<22}{'densekit':>14}",
+        ]
+        for part, module in parts.items():
+            lines.append(f"  {part:<20}{count_parameters(module) if module is not None else 0:>14,}")
+        lines.append(f"  {'total':<20}{count_parameters(model):>14,}")
+        with torch.no_grad():
+            logits = model.forward_raw(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
+        lines += [
+            f"{'MACs':<22}{format_count(count_macs(model, size)):>14}",
+            f"  input {size[0]}x{size[1]}, logits {list(logits.shape)}",
+        ]
+        return "\n".join(lines)
+
+
+TASKS.register(SegmentationTask.name)(SegmentationTask())
