@@ -1,40 +1,42 @@
 """One training engine for every task: a model that returns a dict of losses in training mode is all it needs.
 
-Features: SGD (momentum) or AdamW, linear warm-up + cosine / poly decay, mixed precision, EMA weights, gradient
-clipping, atomic periodic checkpoints with automatic resume, NaN/inf stop, tqdm progress, TensorBoard scalars,
-frozen-backbone fine-tuning and DistributedDataParallel (torchrun).
+The trainer owns the step: forward, backward, optimiser (SGD with momentum or AdamW), linear warm-up + cosine /
+poly decay, mixed precision, gradient clipping, the EMA update, frozen-backbone fine-tuning,
+DistributedDataParallel (torchrun), and resume from ``checkpoints/last.pth``. Everything around the step
+(checkpointing, evaluation, writers, progress, the NaN stop, timing) is a hook: see :mod:`densekit.engine.hooks`.
+The engine knows no task and imports nothing from ``data/``: mid-epoch resume asks the loader's sampler for
+:class:`SkippableSampler`.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import math
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ..config import TrainConfig
-from ..data.loader import ResumableSampler
-from ..utils.files import atomic_save_json
 from . import distributed as dist_utils
-from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_resume_checkpoint, load_checkpoint
 from .ema import ModelEMA
+from .hooks import EvaluateFn, HookBase, TrainingDiverged, default_hooks
 from .schedule import warmup_cosine, warmup_poly
 
 log = logging.getLogger(__name__)
 
-EvaluateFn = Callable[[nn.Module], dict[str, Any]]
+__all__ = ["SkippableSampler", "Trainer", "TrainingDiverged"]
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+@runtime_checkable
+class SkippableSampler(Protocol):
+    """A sampler that can start its next pass after the first ``count`` indices without yielding them, so that a
+    mid-epoch resume does not load the images already seen (``densekit.data.loader.ResumableSampler`` is one)."""
+
+    def skip_next(self, count: int) -> None: ...
 
 
 class Trainer:
@@ -48,6 +50,7 @@ class Trainer:
         device: Where to train.
         evaluate: Called on every rank with the weights to evaluate (EMA if enabled); returns a metrics dict.
         config_to_save: Resolved run config (plain containers) stored in every checkpoint.
+        hooks: What runs around each step; ``None``: :func:`~densekit.engine.hooks.default_hooks` for ``cfg``.
     """
 
     def __init__(
@@ -59,12 +62,12 @@ class Trainer:
         device: torch.device,
         evaluate: EvaluateFn | None = None,
         config_to_save: dict[str, Any] | None = None,
+        hooks: list[HookBase] | None = None,
     ) -> None:
         self.cfg = cfg
         self.loader = loader
         self.output_dir = Path(output_dir)
         self.device = device
-        self.evaluate_fn = evaluate
         self.config_to_save = config_to_save or {}
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.is_main = dist_utils.is_main_process()
@@ -102,7 +105,21 @@ class Trainer:
             raise ValueError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.step = 0
-        self.writer = None
+        # What the step leaves for the hooks: its losses, the images it consumed (all ranks), the final metrics.
+        self.losses: dict[str, torch.Tensor] = {}
+        self.loss = torch.zeros(())
+        self.images_in_step = 0
+        self.images_per_s = 0.0
+        self.metrics: dict[str, Any] = {}
+        self.epoch_evaluated = 0
+        self.hooks: list[HookBase] = []
+        self.register_hooks(default_hooks(cfg, evaluate, self.is_main) if hooks is None else hooks)
+
+    def register_hooks(self, hooks: list[HookBase]) -> None:
+        """Append ``hooks`` (they run after the ones already registered)."""
+        for hook in hooks:
+            hook.trainer = self
+        self.hooks.extend(hooks)
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -153,9 +170,9 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------------------------------------ loop
-    def _batches(self):
+    def _batches(self) -> Iterator[tuple[int, Any]]:
         """Endless (epoch, batch) stream starting at ``self.step``; mid-epoch resumes skip the batches already seen
-        (without loading them when the loader comes from :func:`~densekit.data.loader.build_loader`)."""
+        (without loading them when the loader's sampler is a :class:`SkippableSampler`)."""
         epoch, skip = divmod(self.step, self.steps_per_epoch)
         while True:
             sampler = getattr(self.loader, "sampler", None)
@@ -166,7 +183,7 @@ class Trainer:
             if isinstance(generator, torch.Generator):
                 generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
             batch_size = getattr(self.loader, "batch_size", None)
-            if skip and isinstance(sampler, ResumableSampler) and batch_size:
+            if skip and isinstance(sampler, SkippableSampler) and batch_size:
                 sampler.skip_next(skip * batch_size)  # start after the seen images without loading them
                 batches = iter(self.loader)
             else:  # any other loader: load the seen batches and drop them
@@ -180,69 +197,51 @@ class Trainer:
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         return images, targets
 
+    def _call_hooks(self, point: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)()
+
     def train(self) -> dict[str, Any]:
         """Train to ``total_steps`` (resuming if possible); returns the final metrics (main process)."""
         self.resume_if_possible()
-        if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(self.output_dir / "tensorboard")
-        net = self.ddp or self.model
-        self._set_train_mode()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
-        seen, t0 = 0, time.perf_counter()
-        metrics: dict[str, Any] = {}
-        for epoch, (images, targets) in self._batches():
+        self.set_train_mode()
+        self._call_hooks("before_train")
+        for _, (images, targets) in self._batches():
             if self.step >= self.total_steps:
                 break
-            images, targets = self._to_device(images, targets)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                losses = net(images, targets)
-            loss = sum(losses.values())
-            if not dist_utils.all_finite(loss):
-                last = find_resume_checkpoint(self.checkpoint_dir)
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {self.step} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
-                    f"stopping. Last good checkpoint: {last or 'none yet'}. Try a lower train.lr or train.amp=none."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.cfg.clip_grad_norm:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema:
-                self.ema.update(self.model)
-            self.step += 1
-            seen += images.shape[0] * self.world_size
-            bar.update(1)
+            self._call_hooks("before_step")
+            self.run_step(images, targets)
+            self._call_hooks("after_step")
+        self._call_hooks("after_train")
+        return self.metrics
 
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                rate = seen / (time.perf_counter() - t0)
-                lr = self.optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                if self.writer:
-                    for k, v in losses.items():
-                        self.writer.add_scalar(f"train/{k}", v.item(), self.step)
-                    self.writer.add_scalar("train/loss", loss.item(), self.step)
-                    self.writer.add_scalar("train/lr", lr, self.step)
-                    self.writer.add_scalar("train/images_per_s", rate, self.step)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                if self.is_main:
-                    save_checkpoint(self.checkpoint_dir, self.state_dict())
-                dist_utils.barrier()
-            end_of_epoch = self.step % self.steps_per_epoch == 0
-            if self.cfg.eval_every_epochs and end_of_epoch and (epoch + 1) % self.cfg.eval_every_epochs == 0 and self.step < self.total_steps:
-                metrics = self._evaluate(epoch + 1)
-        bar.close()
-        metrics = self._evaluate(math.ceil(self.step / self.steps_per_epoch))
-        if self.writer:
-            self.writer.close()
-        return metrics
+    def run_step(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> None:
+        """One optimisation step on a batch: forward (autocast), backward (scaled), clip, step, schedule, EMA."""
+        images, targets = self._to_device(images, targets)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses = (self.ddp or self.model)(images, targets)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+        self.step += 1
+        self.losses = {k: v.detach() for k, v in losses.items()}
+        self.loss = loss.detach()
+        self.images_in_step = images.shape[0] * self.world_size
 
-    def _set_train_mode(self) -> None:
+    @property
+    def lr(self) -> float:
+        """The learning rate of the first parameter group (after this step's schedule update)."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_train_mode(self) -> None:
         self.model.train()
         if self.cfg.freeze_backbone:
             self.model.backbone.eval()  # a frozen backbone keeps its BN statistics too
@@ -250,22 +249,3 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         """The weights evaluation uses: the EMA copy when enabled."""
         return self.ema.module if self.ema else self.model
-
-    def _evaluate(self, epoch: int) -> dict[str, Any]:
-        if self.evaluate_fn is None:
-            return {}
-        # Every rank evaluates its shard of the validation set; the evaluator gathers and broadcasts the metrics.
-        metrics = self.evaluate_fn(self.eval_model())
-        self._set_train_mode()
-        if self.is_main:
-            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            if self.writer:
-                for k, v in scalars.items():
-                    self.writer.add_scalar(f"eval/{k}", v, self.step)
-            history_path = self.output_dir / "metrics.json"
-            history = json.loads(history_path.read_text()) if history_path.is_file() else {"history": []}
-            history["history"].append({"step": self.step, "epoch": epoch, **scalars})
-            history["final"] = metrics
-            atomic_save_json(history, history_path)
-        dist_utils.barrier()
-        return metrics
