@@ -3,7 +3,7 @@ from .config import register_configs
 from .inference import optimize_for_inference
 from .modeling.backbones import create_backbone, list_backbones
 from .modeling.build import build_model, create_model, list_models, load_model_config
-from .modeling.checkpoint_io import CheckpointError
+from .checkpoint.io import CheckpointError
 
 # Hydra tools compose conf/ against these schemas; registering on import keeps every entry point consistent.
 register_configs()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig
 
 import densekit
 from densekit.export import ExportError, check_onnx, export_onnx
-from densekit.modeling.weights import load_weights
+from densekit.checkpoint.convert import load_weights
 
 log = logging.getLogger("densekit.export")
 

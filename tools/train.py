@@ -15,6 +15,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from densekit.checkpoint.convert import load_weights
+from densekit.checkpoint.io import read_state_dict
 from densekit.config import register_configs
 from densekit.data.loader import build_loader
 from densekit.engine import distributed as dist_utils
@@ -22,8 +24,6 @@ from densekit.engine.tasks import build_dataset, check_model_fits_task, headline
 from densekit.engine.trainer import TrainConfig, Trainer
 from densekit.modeling.backbones.packaged_weights import packaged_weights
 from densekit.modeling.build import build_model
-from densekit.modeling.checkpoint_io import read_state_dict
-from densekit.modeling.weights import load_weights
 
 log = logging.getLogger("densekit.train")
 

@@ -20,11 +20,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..checkpoint.train_state import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from ..config import TrainConfig
 from ..data.loader import ResumableSampler
 from ..utils.files import atomic_save_json
 from . import distributed as dist_utils
-from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .ema import ModelEMA
 from .schedule import warmup_cosine, warmup_poly
 

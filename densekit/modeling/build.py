@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..checkpoint.convert import load_weights
 from ..config import resolve_model_config
 from .anchors import AnchorGenerator
 from .backbones import Backbone, create_backbone
@@ -186,7 +187,5 @@ def create_model(name: str, num_classes: int | None = None, weights: str | os.Pa
         overrides["num_classes"] = num_classes
     model = build_model(load_model_config(name, **overrides))
     if weights is not None:
-        from .weights import load_weights  # late import: weights.py imports this module's builders
-
         load_weights(model, weights)
     return model

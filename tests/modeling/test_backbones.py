@@ -17,7 +17,7 @@ from densekit.modeling.backbones import (
     list_backbones,
 )
 from densekit.modeling.backbones._download import host_reachable
-from densekit.modeling.checkpoint_io import CheckpointError
+from densekit.checkpoint.io import CheckpointError
 
 SIZE = 128
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import timm
 
-from ..checkpoint_io import read_state_dict
+from ...checkpoint.io import read_state_dict
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
 from .timm_backbone import TimmBackbone, unknown_backbone_message
