@@ -12,6 +12,7 @@ The exported graph takes ``images``: float ``[B, 3, H, W]`` in [0, 1] at a fixed
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torchvision.ops import nms
 
+from .checkpoint.io import atomic_write
 from .modeling.detector import EfficientDet
 from .modeling.postprocess import flatten_levels
 from .modeling.segmenter import Segmenter
@@ -143,8 +145,8 @@ def _check_size(image_size: tuple[int, int], batch: int) -> tuple[int, int]:
     return int(image_size[0]), int(image_size[1])
 
 
-def _run_exporter(module: nn.Module, example: torch.Tensor, out: Path, output_names: list[str], opset: int) -> None:
-    """Trace ``module`` on ``example`` into ``out``.
+def _run_exporter(module: nn.Module, example: torch.Tensor, output_names: list[str], opset: int) -> bytes:
+    """Trace ``module`` on ``example``; the serialised ONNX model.
 
     torch's dynamo exporter starts at opset 18 (it silently keeps 18 when asked for less and the down-conversion
     fails, as it does for ``Pad``), so lower opsets go through the TorchScript exporter, which emits them natively.
@@ -160,19 +162,20 @@ def _run_exporter(module: nn.Module, example: torch.Tensor, out: Path, output_na
             if program is None:
                 raise ExportError("torch.onnx.export returned no program")
             # One self-contained file: densekit models are far below ONNX's 2 GB protobuf limit.
-            program.save(str(out), external_data=False)
-        else:
-            torch.onnx.export(
-                module, (example,), str(out), input_names=["images"], output_names=output_names, opset_version=opset,
-                dynamo=False, do_constant_folding=True,
-            )
+            return program.model_proto.SerializeToString()
+        buffer = io.BytesIO()
+        torch.onnx.export(
+            module, (example,), buffer, input_names=["images"], output_names=output_names, opset_version=opset,
+            dynamo=False, do_constant_folding=True,
+        )
+        return buffer.getvalue()
 
 
-def _onnx_opset(path: Path) -> int:
-    """The default-domain opset a written ONNX file declares."""
+def _onnx_opset(model_bytes: bytes) -> int:
+    """The default-domain opset a serialised ONNX model declares."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load_from_string(model_bytes)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
@@ -210,21 +213,18 @@ def export_onnx(
     device = next(model.parameters()).device
     module.to(device)
     example = torch.rand(batch, 3, h, w, device=device)
-    # Same directory as the target, so os.replace is an atomic rename on one filesystem.
-    # The pid keeps concurrent exports apart; not mkstemp, whose 0600 mode would survive the rename.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        _run_exporter(module, example, tmp, output_names, opset)
-        written = _onnx_opset(tmp)
-        if written != opset:  # the exporter may keep a newer opset when it cannot convert down: say so, not ship it
-            raise ExportError(f"asked for opset {opset}, torch's exporter produced opset {written}")
-        os.replace(tmp, path)
+        model_bytes = _run_exporter(module, example, output_names, opset)
+        written = _onnx_opset(model_bytes)
     except ExportError:
         raise
     except Exception as err:  # the exporter raises many types; callers need one, with the cause attached
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(err).__name__}: {err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    if written != opset:  # the exporter may keep a newer opset when it cannot convert down: say so, not ship it
+        raise ExportError(f"asked for opset {opset}, torch's exporter produced opset {written}")
+    # The graph is checked before anything is written; the file then appears whole or not at all.
+    with atomic_write(path) as f:
+        f.write(model_bytes)
     log.debug("exported %s to %s (%d bytes)", getattr(getattr(model, "config", None), "name", type(model).__name__),
              path, path.stat().st_size)
     return path

@@ -97,6 +97,21 @@ def test_unsupported_exports_raise(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.onnx")) and not list(tmp_path.rglob("*.tmp"))
 
 
+def test_failed_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is written through atomic_write: a failure at its last step leaves the old graph, no temp file."""
+    model = densekit.create_model("lraspp_mobilenet_v3_small")
+    path = export_onnx(model, tmp_path / "m.onnx", (64, 64))
+    before = path.read_bytes()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(model, path, (64, 96))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
 def _tool(*overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, str(ROOT / "tools" / "export.py"), *overrides]

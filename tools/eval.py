@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from densekit.checkpoint.convert import load_state_dict_any
-from densekit.checkpoint.io import read_checkpoint, state_dict_from
+from densekit.checkpoint.io import atomic_write, read_checkpoint, state_dict_from
 from densekit.config import register_configs
 from densekit.data.build import label_map_for_model
 from densekit.data.loader import build_loader
@@ -73,7 +73,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if dist_utils.is_main_process():
         record = {"model": cfg.model.name, "weights": cfg.weights, "data": cfg.data.name, "split": cfg.data.split, **metrics}
         atomic_save_json(record, out_dir / "metrics.json")
-        OmegaConf.save(cfg, out_dir / "config.yaml")
+        with atomic_write(out_dir / "config.yaml", "w") as f:
+            OmegaConf.save(cfg, f)
         print(f"results in {out_dir}")
     dist_utils.cleanup_distributed()
     return metrics

@@ -8,11 +8,9 @@ instance-weighted iIoU scores (:mod:`densekit.evaluation.cityscapes_instances`) 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
+from ..checkpoint.io import atomic_write
 from .cityscapes_instances import instance_stats, instance_tables, read_instances
 from .table import per_class_columns
 
@@ -95,18 +94,6 @@ def _resize_nearest(label_map: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return out[0, 0].to(label_map.dtype)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_predictions(
     outputs: Sequence[Mapping[str, torch.Tensor]],
     targets: Sequence[Mapping[str, Any]],
@@ -148,7 +135,8 @@ def write_predictions(
         if not ok:  # pragma: no cover
             raise OSError(f"could not encode the prediction for {target['file']}")
         path = out_dir / Path(str(target["file"])).name
-        _atomic_write(path, encoded.tobytes())
+        with atomic_write(path) as f:
+            f.write(encoded.tobytes())
         paths.append(path)
     return paths
 
