@@ -25,7 +25,7 @@ from .io import CheckpointError, load_state_dict_checked, read_state_dict
 
 
 def is_effdet_layout(state_dict: dict[str, torch.Tensor]) -> bool:
-    """Whether ``state_dict`` is keyed like an efficientdet-pytorch ``EfficientDet`` (``fpn.cell.*``, ``class_net.*``)."""
+    """Whether ``state_dict`` is keyed like effdet's ``EfficientDet`` (``fpn.cell.*``, ``class_net.*``)."""
     return any(k.startswith("fpn.cell.") for k in state_dict) and any(k.startswith("class_net.") for k in state_dict)
 
 

@@ -60,7 +60,7 @@ def create_backbone(
     """
     if weights is not None and pretrained:
         raise ValueError("pass either weights=<file> or pretrained=True, not both")
-    backbone: TimmBackbone | MobileNetV3Backbone
+    backbone: Backbone
     if name in TORCHVISION_BACKBONES:
         backbone = MobileNetV3Backbone(name, out_levels=out_levels, pretrained=pretrained, **kwargs)
     elif timm.is_model(name):
