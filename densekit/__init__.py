@@ -1,9 +1,9 @@
 """densekit: EfficientDet, ESeg and LR-ASPP dense prediction on EfficientNet / MobileNetV3 backbones."""
+from .checkpoint.io import CheckpointError
 from .config import register_configs
-from .inference import optimize_for_inference
+from .deploy.optimize import optimize_for_inference
 from .modeling.backbones import create_backbone, list_backbones
 from .modeling.build import build_model, create_model, list_models, load_model_config
-from .checkpoint.io import CheckpointError
 
 # Hydra tools compose conf/ against these schemas; registering on import keeps every entry point consistent.
 register_configs()

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 import densekit
-from densekit.inference import compile_frozen
+from densekit.deploy.optimize import compile_frozen
 from densekit.utils import count_macs, count_parameters, format_count
 from densekit.utils.benchmarking import (
     device_description,

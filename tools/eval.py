@@ -19,9 +19,9 @@ from densekit.checkpoint.io import atomic_write, read_checkpoint, state_dict_fro
 from densekit.config import register_configs
 from densekit.data.build import label_map_for_model
 from densekit.data.loader import build_loader
+from densekit.deploy.optimize import optimize_for_inference
 from densekit.engine import distributed as dist_utils
 from densekit.engine.tasks import build_dataset, check_model_fits_task, make_evaluate, num_classes_of
-from densekit.inference import optimize_for_inference
 from densekit.modeling.build import build_model
 from densekit.utils.files import atomic_save_json
 

@@ -19,8 +19,8 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 import densekit
-from densekit.export import ExportError, check_onnx, export_onnx
 from densekit.checkpoint.convert import load_weights
+from densekit.deploy.onnx import ExportError, check_onnx, export_onnx
 
 log = logging.getLogger("densekit.export")
 

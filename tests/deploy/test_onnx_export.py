@@ -15,9 +15,9 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import densekit  # noqa: E402
-from densekit.export import ExportError, check_onnx, export_onnx  # noqa: E402
+from densekit.deploy.onnx import ExportError, check_onnx, export_onnx  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_D0 = {"neck": {"repeats": 1}}
 
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torchvision.ops import nms
 
-from .checkpoint.io import atomic_write
-from .modeling.detector import EfficientDet
-from .modeling.postprocess import flatten_levels
-from .modeling.segmenter import Segmenter
+from ..checkpoint.io import atomic_write
+from ..modeling.detector import EfficientDet
+from ..modeling.postprocess import flatten_levels
+from ..modeling.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
