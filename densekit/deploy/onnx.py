@@ -62,11 +62,12 @@ class _SegmentationNet(nn.Module):
 class _DetectionWithNms(nn.Module):
     """The detector's eval-mode post-processing (hard NMS) written with static shapes, so that it exports.
 
-    The eval path (:class:`~densekit.modeling.postprocess.DetectionPostprocessor`) returns a variable number of
-    boxes per image through ``batched_nms`` and Python loops; here the batch size and image size are fixed at export
-    time, anchors and clip limits become constants, class-wise NMS uses the coordinate-offset trick (one
-    ``torchvision.ops.nms`` per image, which maps to ONNX ``NonMaxSuppression``) and results are padded to
-    ``max_detections``.
+    The candidates (top-k, decoding, clipping) are the eval path's own
+    (:meth:`~densekit.modeling.postprocess.DetectionPostprocessor.candidates`, with its traceable full sort). Only
+    the NMS differs: the eval path returns a variable number of boxes per image through ``batched_nms`` and Python
+    loops; here the batch size and image size are fixed at export time, anchors and clip limits become constants,
+    class-wise NMS uses the coordinate-offset trick (one ``torchvision.ops.nms`` per image, which maps to ONNX
+    ``NonMaxSuppression``) and results are padded to ``max_detections``.
     """
 
     def __init__(self, model: EfficientDet, image_size: tuple[int, int]) -> None:
@@ -91,19 +92,11 @@ class _DetectionWithNms(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cls_out, box_out = self.model.forward_raw(images)
-        num_classes = self.model.num_classes
-        cls_logits = flatten_levels(cls_out, num_classes)
-        box_deltas = flatten_levels(box_out, 4)
-        batch, num_anchors, _ = cls_logits.shape
-        k = min(self.post.pre_nms_top_k, num_anchors * num_classes)
-        most = self.post.max_detections
-        top_logits, top_idx = cls_logits.reshape(batch, -1).topk(k, dim=1)
-        anchor_idx = top_idx // num_classes
-        classes = top_idx % num_classes
-        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)).float()
-        boxes = self.post.box_coder.decode(deltas, self.anchors[anchor_idx])
-        boxes = torch.minimum(boxes.clamp(min=0), self.limits)
-        scores = top_logits.float().sigmoid()
+        boxes, scores, classes = self.post.candidates(
+            flatten_levels(cls_out, self.model.num_classes), flatten_levels(box_out, 4), self.anchors, self.limits,
+            traceable=True,
+        )
+        batch, most = boxes.shape[0], self.post.max_detections
         offset = classes.to(boxes.dtype)[..., None] * self.class_shift
         out_boxes, out_scores, out_labels, counts = [], [], [], []
         for b in range(batch):  # the batch is fixed at export, so this loop unrolls

@@ -155,7 +155,8 @@ def test_bad_inputs_get_clear_errors() -> None:
 
 @pytest.mark.parametrize("num_anchors,k", [(500, 100), (50, 100)], ids=["bounded", "k>=anchors-fallback"])
 @pytest.mark.parametrize("per_level", [False, True], ids=["flat", "per-level"])
-def test_topk_pairs_equals_a_full_sort(num_anchors: int, k: int, per_level: bool) -> None:
+@pytest.mark.parametrize("traceable", [False, True], ids=["shortcut", "traceable"])
+def test_topk_pairs_equals_a_full_sort(num_anchors: int, k: int, per_level: bool, traceable: bool) -> None:
     from densekit.modeling.postprocess import topk_pairs
 
     logits = torch.randn(3, num_anchors, 7, generator=torch.Generator().manual_seed(0))  # distinct values: no ties
@@ -163,7 +164,7 @@ def test_topk_pairs_equals_a_full_sort(num_anchors: int, k: int, per_level: bool
     # Per level: uneven splits, one of them empty, standing for the concatenation (indices are global).
     cuts = [0, num_anchors // 2, num_anchors // 2, num_anchors - 3, num_anchors]
     levels = [logits[:, a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-    values, idx = topk_pairs(levels if per_level else logits, k)
+    values, idx = topk_pairs(levels if per_level else logits, k, traceable=traceable)
     assert torch.equal(values, ref_values) and torch.equal(idx, ref_idx)
 
 
