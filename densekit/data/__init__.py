@@ -1,11 +1,10 @@
 """Detection data: COCO-format datasets, augmentation, loaders and a synthetic shapes dataset."""
-from .coco import CROWD_LABEL, CocoDetection, coco_paths, datasets_root, read_image
+from .coco import CocoDetection, coco_paths, datasets_root, read_image
 from .loader import build_loader, collate_batch, seed_transforms
 from .synthetic import ensure_synthetic_coco, synthetic_coco_paths
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform, image_to_tensor
 
 __all__ = [
-    "CROWD_LABEL",
     "CocoDetection",
     "DetectionTransform",
     "build_loader",

@@ -6,9 +6,10 @@ import torch
 from torchvision.ops import batched_nms, box_iou, nms
 
 import densekit
+from densekit.labels import CROWD_LABEL
 from densekit.modeling.anchors import AnchorGenerator
 from densekit.modeling.box_coder import BoxCoder
-from densekit.modeling.matcher import IGNORE, ArgMaxMatcher
+from densekit.modeling.matcher import ArgMaxMatcher
 from densekit.modeling.postprocess import DetectionPostprocessor, flatten_levels
 
 effdet = pytest.importorskip("effdet")
@@ -83,10 +84,10 @@ def test_target_assignment_and_loss_match_effdet() -> None:
 def test_crowd_regions_are_ignored_not_negative() -> None:
     anchors = AnchorGenerator()((128, 128))
     crowd = torch.tensor([[[0.0, 0.0, 64.0, 64.0]]])
-    targets = ArgMaxMatcher(BoxCoder())(anchors, crowd, torch.tensor([[IGNORE]]))
+    targets = ArgMaxMatcher(BoxCoder())(anchors, crowd, torch.tensor([[CROWD_LABEL]]))
     on_crowd = box_iou(crowd[0], anchors)[0] >= 0.5
     assert on_crowd.any()
-    assert (targets.labels[0, on_crowd] == IGNORE).all()
+    assert (targets.labels[0, on_crowd] == CROWD_LABEL).all()
     assert targets.num_positives.item() == 0
 
 
