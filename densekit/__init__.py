@@ -2,10 +2,10 @@
 
 Importing densekit has no side effects: Hydra entry points call :func:`densekit.config.register_configs` themselves.
 """
-from .inference import optimize_for_inference
+from .checkpoint.io import CheckpointError
+from .deploy.optimize import optimize_for_inference
 from .modeling.backbones import create_backbone, list_backbones
 from .modeling.build import build_model, create_model, list_models, load_model_config
-from .modeling.checkpoint_io import CheckpointError
 
 __version__ = "0.1.0"
 __all__ = [

@@ -42,7 +42,7 @@ from torch import nn
 
 import densekit
 from densekit.config import register_configs
-from densekit.inference import compile_frozen
+from densekit.deploy.optimize import compile_frozen
 from densekit.utils import count_macs, count_parameters, format_count
 from densekit.utils.benchmarking import (
     device_description,

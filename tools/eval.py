@@ -14,13 +14,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from densekit.checkpoint.convert import load_state_dict_any
+from densekit.checkpoint.io import atomic_write, read_checkpoint, state_dict_from
 from densekit.config import register_configs
+from densekit.deploy.optimize import optimize_for_inference
 from densekit.engine import distributed as dist_utils
-from densekit.engine.checkpoint import load_checkpoint
-from densekit.inference import optimize_for_inference
 from densekit.modeling.build import build_model
-from densekit.modeling.checkpoint_io import read_state_dict
-from densekit.modeling.weights import load_state_dict_any
 from densekit.tasks import get_task
 from densekit.utils.files import atomic_save_json
 
@@ -29,12 +28,15 @@ log = logging.getLogger("densekit.eval")
 
 def read_eval_weights(path: str, prefer_ema: bool) -> tuple[dict, str, int | None]:
     """The state_dict to evaluate from ``path`` (EMA weights of a training checkpoint when present and wanted),
-    a description, and the class count recorded in a densekit training checkpoint (None for other files)."""
-    state = load_checkpoint(path)
-    recorded = state.get("config", {}).get("model", {}).get("num_classes") if isinstance(state.get("config"), dict) else None
-    if prefer_ema and isinstance(state.get("ema"), dict):
-        return state["ema"]["module"], f"EMA weights of {path}", recorded
-    return read_state_dict(path), f"checkpoint {path}", recorded
+    a description, and the class count recorded in a densekit training checkpoint (None for other files).
+    The file is read once; a training checkpoint holds both weight sets and its config."""
+    state = read_checkpoint(path)
+    run = state if isinstance(state, dict) else {}  # a bare tensor list / other object: no run record
+    config = run.get("config")
+    recorded = config.get("model", {}).get("num_classes") if isinstance(config, dict) else None
+    if prefer_ema and isinstance(run.get("ema"), dict):
+        return run["ema"]["module"], f"EMA weights of {path}", recorded
+    return state_dict_from(state, path), f"checkpoint {path}", recorded
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -66,7 +68,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if dist_utils.is_main_process():
         record = {"model": cfg.model.name, "weights": cfg.weights, "data": cfg.data.name, "split": cfg.data.split, **metrics}
         atomic_save_json(record, out_dir / "metrics.json")
-        OmegaConf.save(cfg, out_dir / "config.yaml")
+        with atomic_write(out_dir / "config.yaml", "w") as f:
+            OmegaConf.save(cfg, f)
         print(f"results in {out_dir}")
     dist_utils.cleanup_distributed()
     return metrics

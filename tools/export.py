@@ -19,9 +19,9 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 import densekit
+from densekit.checkpoint.convert import load_weights
 from densekit.config import register_configs
-from densekit.export import ExportError, check_onnx, export_onnx
-from densekit.modeling.weights import load_weights
+from densekit.deploy.onnx import ExportError, check_onnx, export_onnx
 
 log = logging.getLogger("densekit.export")
 

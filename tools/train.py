@@ -15,13 +15,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from densekit.checkpoint.convert import load_weights
+from densekit.checkpoint.io import read_state_dict
 from densekit.config import register_configs
 from densekit.engine import distributed as dist_utils
 from densekit.engine.trainer import TrainConfig, Trainer
 from densekit.modeling.backbones.packaged_weights import packaged_weights
 from densekit.modeling.build import build_model
-from densekit.modeling.checkpoint_io import read_state_dict
-from densekit.modeling.weights import load_weights
 from densekit.tasks import get_task
 
 log = logging.getLogger("densekit.train")

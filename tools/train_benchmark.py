@@ -53,8 +53,8 @@ def effdet_step(model: torch.nn.Module, images: torch.Tensor, targets: list[dict
         sys.exit(f"bench.compare=true: {model.config.name!r} has no efficientdet-pytorch counterpart")
     from effdet import DetBenchTrain, EfficientDet, get_efficientdet_config
 
-    from densekit.modeling.checkpoint_io import load_state_dict_checked
-    from densekit.modeling.weights import convert_effdet
+    from densekit.checkpoint.convert import convert_effdet
+    from densekit.checkpoint.io import load_state_dict_checked
 
     cfg = get_efficientdet_config(name)
     cfg.num_classes = model.config.num_classes

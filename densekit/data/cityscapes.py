@@ -12,6 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from cityscapesscripts.helpers.labels import Label
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 from torch.utils.data import Dataset
 
@@ -22,6 +23,7 @@ from .transforms import image_to_tensor
 __all__ = [
     "CITYSCAPES_CLASSES",
     "NUM_CLASSES",
+    "TRAIN_LABELS",
     "CityscapesSegmentation",
     "cityscapes_root",
     "label_id_to_train_id",
@@ -33,9 +35,12 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
 LABEL_ID_SUFFIX = "_gtFine_labelIds.png"
 
-# The 19 evaluated classes, by trainId (cityscapesscripts' table is the single source of truth).
-_TRAIN_LABELS = sorted((lb for lb in CS_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId)
-CITYSCAPES_CLASSES: tuple[str, ...] = tuple(lb.name for lb in _TRAIN_LABELS)
+#: The 19 evaluated classes' cityscapesscripts labels (name, id, trainId, category, colour...), by trainId: densekit's
+#: one Cityscapes class table, read by the dataset and the evaluation (cityscapesscripts is the source of truth).
+TRAIN_LABELS: tuple[Label, ...] = tuple(
+    sorted((lb for lb in CS_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId)
+)
+CITYSCAPES_CLASSES: tuple[str, ...] = tuple(lb.name for lb in TRAIN_LABELS)
 NUM_CLASSES = len(CITYSCAPES_CLASSES)
 
 # Values a labelTrainIds file may hold.

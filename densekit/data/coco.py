@@ -21,11 +21,11 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from ..labels import CROWD_LABEL
 from .transforms import TransformOutput, image_to_tensor
 
 log = logging.getLogger(__name__)
 
-CROWD_LABEL = -2  # the matcher's IGNORE label: anchors on crowd regions get no loss
 DATASETS_ENV = "DENSEKIT_DATASETS"
 
 _COCO_SPLITS = {
@@ -139,8 +139,9 @@ class CocoDetection(Dataset):
     """A COCO-format detection dataset returning ``(image, target)`` pairs for :class:`EfficientDet`.
 
     Category ids (1-90 with gaps in COCO) map to contiguous labels in sorted-id order; images without boxes are
-    kept (they are negatives in training and count in evaluation). Crowd boxes get label ``-2`` in training (the
-    loss ignores anchors on them) and are dropped in evaluation, where COCOeval reads them from :attr:`coco`.
+    kept (they are negatives in training and count in evaluation). Crowd boxes get label
+    :data:`~densekit.labels.CROWD_LABEL` (-2) in training (the loss ignores anchors on them) and are dropped in
+    evaluation, where COCOeval reads them from :attr:`coco`.
 
     Args:
         image_dir: Folder holding the images named by ``file_name``.

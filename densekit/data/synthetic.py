@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from ..checkpoint.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,6 @@ def _draw_image(rng: np.random.Generator, empty: bool) -> tuple[np.ndarray, list
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A unique temp file + rename: readers (or a second process generating the same data) never see a torn file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _info(split: str, num_images: int, seed: int) -> dict[str, Any]:
     return {
         "description": "densekit synthetic shapes",
@@ -162,7 +150,9 @@ def _generate_split(root: Path, split: str, num_images: int, seed: int) -> None:
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:  # pragma: no cover
             raise OSError(f"could not encode {image_dir / name}")
-        _write_atomic(image_dir / name, encoded.tobytes())
+        # Atomic: readers (or a second process generating the same data) never see a torn file.
+        with atomic_write(image_dir / name) as f:
+            f.write(encoded.tobytes())
         images.append({"id": i + 1, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
         for cat_id, bbox, area in objects:
             annotations.append(
@@ -187,7 +177,8 @@ def _generate_split(root: Path, split: str, num_images: int, seed: int) -> None:
         "categories": [{"id": c, "name": n, "supercategory": "shape"} for c, n, _ in SHAPES],
     }
     # The json goes last: its presence (with matching info) is what marks the split complete.
-    _write_atomic(ann_file, json.dumps(data).encode())
+    with atomic_write(ann_file, "w") as f:
+        json.dump(data, f)
 
 
 def ensure_synthetic_coco(root: str | Path, num_train: int = 400, num_val: int = 50, seed: int = 0) -> Path:

@@ -29,6 +29,8 @@ from cityscapesscripts.preparation import createTrainIdLabelImgs
 from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 
+from ..checkpoint.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SYNTHETIC_CITIES", "ensure_synthetic_cityscapes"]
@@ -258,8 +260,8 @@ def _environ(name: str, value: str) -> Iterator[None]:
 
 def _generate_split(root: Path, split: str, num_images: int, size: tuple[int, int], seed: int) -> None:
     h, w = size
-    # Everything is made in a private staging root and moved into place file by file (atomic renames), so readers
-    # and concurrent generators never see a half-written split; cityscapesscripts' converter, which globs its whole
+    # Everything is made in a private staging root and published file by file (atomic writes), so readers and
+    # concurrent generators never see a half-written file; cityscapesscripts' converter, which globs its whole
     # CITYSCAPES_DATASET, then converts exactly this split.
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
@@ -290,8 +292,10 @@ def _generate_split(root: Path, split: str, num_images: int, size: tuple[int, in
                 createTrainIdLabelImgs.main()  # prints progress; the result is checked by _is_complete
         staged = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
         for rel in sorted(staged):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / rel, root / rel)
+            # Published through atomic_write (unique temp name, fsync, rename) like every file densekit writes; the
+            # staging copy exists because cityscapesscripts writes its label images in place, by path.
+            with open(staging / rel, "rb") as src, atomic_write(root / rel) as dst:
+                shutil.copyfileobj(src, dst)
         # Remove leftovers of an earlier, larger run, only in this generator's own cities.
         for top in ("leftImg8bit", "gtFine"):
             for city in SYNTHETIC_CITIES[split]:
@@ -301,10 +305,8 @@ def _generate_split(root: Path, split: str, num_images: int, size: tuple[int, in
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     # The marker goes last: its presence (with matching settings) is what marks the split complete.
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".marker.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(_marker(root, split), "w") as f:
         json.dump(_info(split, num_images, size, seed), f)
-    os.replace(tmp, _marker(root, split))
 
 
 def ensure_synthetic_cityscapes(

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..utils.files import atomic_save_json
 from . import distributed as dist_utils
-from .checkpoint import find_resume_checkpoint, save_checkpoint
+from ..checkpoint.train_state import find_resume_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:  # the trainer imports this module
     from ..config import TrainConfig

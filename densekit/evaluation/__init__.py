@@ -1,4 +1,5 @@
-"""Evaluation: COCO bbox metrics and test-dev submission files."""
+"""Evaluation: COCO bbox metrics (pycocotools) and test-dev submission files, Cityscapes semantic segmentation
+scores (IoU, iIoU, equal to cityscapesscripts') and labelId prediction PNGs, and their printed tables."""
 from .coco import (
     COCO_METRIC_NAMES,
     CocoEvaluator,

@@ -8,11 +8,9 @@ instance-weighted iIoU scores (:mod:`densekit.evaluation.cityscapes_instances`) 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
+from ..checkpoint.io import atomic_write
+from ..data.cityscapes import CITYSCAPES_CLASSES, NUM_CLASSES, TRAIN_LABELS
 from .cityscapes_instances import instance_stats, instance_tables, read_instances
 from .table import per_class_columns
 
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CITYSCAPES_CATEGORIES",
-    "CITYSCAPES_CLASSES",
     "CityscapesEvaluator",
     "colorize",
     "format_cityscapes_table",
@@ -39,26 +37,24 @@ __all__ = [
     "write_predictions",
 ]
 
-_TRAIN_LABELS = sorted((lb for lb in CS_LABELS if 0 <= lb.trainId < 255), key=lambda lb: lb.trainId)
-CITYSCAPES_CLASSES: tuple[str, ...] = tuple(lb.name for lb in _TRAIN_LABELS)
 # The 7 evaluated categories (flat, construction, object, nature, sky, human, vehicle) and their trainIds, in
 # cityscapesscripts' order; "void" holds no evaluated class.
 CITYSCAPES_CATEGORIES: dict[str, list[int]] = {}
-for _lb in _TRAIN_LABELS:
+for _lb in TRAIN_LABELS:
     CITYSCAPES_CATEGORIES.setdefault(_lb.category, []).append(_lb.trainId)
 
 
 def train_id_to_label_id() -> np.ndarray:
     """``uint8 [256]`` lookup table trainId -> labelId from cityscapesscripts; anything else -> 0 (unlabeled)."""
     lut = np.zeros(256, dtype=np.uint8)
-    for lb in _TRAIN_LABELS:
+    for lb in TRAIN_LABELS:
         lut[lb.trainId] = lb.id
     return lut
 
 
 def _color_lut() -> np.ndarray:
     lut = np.zeros((256, 3), dtype=np.uint8)  # ignore and unknown ids: black, like 'unlabeled'
-    for lb in _TRAIN_LABELS:
+    for lb in TRAIN_LABELS:
         lut[lb.trainId] = lb.color
     return lut
 
@@ -95,18 +91,6 @@ def _resize_nearest(label_map: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return out[0, 0].to(label_map.dtype)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_predictions(
     outputs: Sequence[Mapping[str, torch.Tensor]],
     targets: Sequence[Mapping[str, Any]],
@@ -137,10 +121,10 @@ def write_predictions(
     paths = []
     for output, target in zip(outputs, targets):
         pred = output["sem_seg"].detach().cpu()
-        if pred.numel() and (pred.min() < 0 or pred.max() >= len(_TRAIN_LABELS)):
+        if pred.numel() and (pred.min() < 0 or pred.max() >= NUM_CLASSES):
             raise ValueError(
                 f"prediction for {target['file']} has values {pred.min().item()}..{pred.max().item()}; "
-                f"expected trainIds 0-{len(_TRAIN_LABELS) - 1}"
+                f"expected trainIds 0-{NUM_CLASSES - 1}"
             )
         size = tuple(int(v) for v in target["orig_size"])
         label_ids = _TRAIN_TO_LABEL[_resize_nearest(pred, size).numpy().astype(np.intp)]
@@ -148,7 +132,8 @@ def write_predictions(
         if not ok:  # pragma: no cover
             raise OSError(f"could not encode the prediction for {target['file']}")
         path = out_dir / Path(str(target["file"])).name
-        _atomic_write(path, encoded.tobytes())
+        with atomic_write(path) as f:
+            f.write(encoded.tobytes())
         paths.append(path)
     return paths
 
@@ -181,7 +166,7 @@ class CityscapesEvaluator:
         instance_level: bool = True,
     ) -> None:
         if class_names is None:
-            if num_classes != len(CITYSCAPES_CLASSES):
+            if num_classes != NUM_CLASSES:
                 raise ValueError(f"give class_names for num_classes={num_classes} (Cityscapes has 19)")
             class_names = CITYSCAPES_CLASSES
         if len(class_names) != num_classes:

@@ -11,9 +11,8 @@ import io
 import json
 import os
 import re
-import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.io import atomic_write
 from .table import per_class_columns
 
 __all__ = [
@@ -249,23 +249,8 @@ def format_coco_table(metrics: Mapping[str, Any], width: int = 80) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yields a temp path beside ``path`` and moves it over ``path`` on success, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_results_json(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Writes COCO result dicts as a JSON array, atomically (temp file + ``os.replace``).
+    """Writes COCO result dicts as a JSON array, atomically (:func:`~densekit.checkpoint.io.atomic_write`).
 
     Args:
         results: Result dicts, e.g. from :meth:`CocoEvaluator.results`.
@@ -275,11 +260,8 @@ def write_results_json(results: Sequence[Mapping[str, Any]], path: str | os.Path
         The destination path.
     """
     path = Path(path)
-    with _atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(list(results), f)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_write(path, "w") as f:
+        json.dump(list(results), f)
     return path
 
 
@@ -309,7 +291,6 @@ def write_test_dev_submission(
     stem = f"detections_test-dev2017_{model_name}_results"
     json_path = write_results_json(results, out_dir / f"{stem}.json")
     zip_path = out_dir / f"{stem}.zip"
-    with _atomic_path(zip_path) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.write(json_path, arcname=json_path.name)
+    with atomic_write(zip_path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(json_path, arcname=json_path.name)
     return json_path, zip_path

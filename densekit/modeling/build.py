@@ -16,6 +16,7 @@ from torch import nn
 
 # The meta-architecture modules register themselves (schema + builder) in META_ARCHS on import.
 from . import detector, segmenter  # noqa: F401
+from ..checkpoint.convert import load_weights
 from .registry import META_ARCHS
 
 #: The architecture of a config that does not say (a partial dict handed to :func:`build_model`).
@@ -111,7 +112,5 @@ def create_model(name: str, num_classes: int | None = None, weights: str | os.Pa
         overrides["num_classes"] = num_classes
     model = build_model(load_model_config(name, **overrides))
     if weights is not None:
-        from .weights import load_weights  # late import: weights.py imports this module's builders
-
         load_weights(model, weights)
     return model

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..config import EfficientDetConfig
+from ..labels import CROWD_LABEL
 from .anchors import AnchorGenerator
 from .backbones import Backbone, build_backbone
 from .base import DenseModel, Images
@@ -87,11 +88,11 @@ class EfficientDet(DenseModel):
             if t["boxes"].shape != (n, 4):
                 raise ValueError(f"target {i}: boxes must be [{n}, 4] xyxy, got {list(t['boxes'].shape)}")
             lab = t["labels"].to(device=device, dtype=torch.long)
-            bad = (lab >= self.num_classes) | (lab < -2)
+            bad = (lab >= self.num_classes) | (lab < CROWD_LABEL)
             if bad.any():
                 raise ValueError(
                     f"target {i}: label {int(lab[bad][0])} out of range for a {self.num_classes}-class model "
-                    "(labels are 0-based class indices; -2 marks a crowd region)"
+                    f"(labels are 0-based class indices; {CROWD_LABEL} marks a crowd region)"
                 )
             boxes[i, :n] = t["boxes"].to(device)
             labels[i, :n] = lab

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
+from ..labels import CROWD_LABEL
 from .matcher import AnchorTargets
 
 
@@ -40,7 +41,7 @@ class DetectionLoss(nn.Module):
         positive = targets.labels >= 0
         one_hot = F.one_hot(targets.labels.clamp(min=0), num_classes).to(cls_logits.dtype) * positive[..., None]
         focal = sigmoid_focal_loss(cls_logits.float(), one_hot.float(), alpha=self.alpha, gamma=self.gamma, reduction="none")
-        cls_loss = (focal.sum(-1) * (targets.labels != -2)).sum() / normalizer
+        cls_loss = (focal.sum(-1) * (targets.labels != CROWD_LABEL)).sum() / normalizer
 
         huber = F.huber_loss(box_deltas.float(), targets.boxes.float(), delta=self.huber_delta, reduction="none")
         box_loss = (huber.sum(-1) * positive).sum() / (normalizer * 4.0)

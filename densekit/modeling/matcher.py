@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import box_iou
 
+from ..labels import CROWD_LABEL
 from .box_coder import BoxCoder
 
 NEGATIVE = -1
-IGNORE = -2
 
 
 @dataclass
@@ -17,8 +17,8 @@ class AnchorTargets:
     """Per-anchor training targets for a batch.
 
     Attributes:
-        labels: ``[B, N]`` class index of the matched box, ``NEGATIVE`` (-1) for background, ``IGNORE`` (-2) for
-            anchors on crowd regions, which contribute no loss.
+        labels: ``[B, N]`` class index of the matched box, ``NEGATIVE`` (-1) for background,
+            :data:`~densekit.labels.CROWD_LABEL` (-2) for anchors on crowd regions, which contribute no loss.
         boxes: ``[B, N, 4]`` regression targets (zero where not positive).
         num_positives: ``[B]`` number of positive anchors per image.
     """
@@ -50,7 +50,7 @@ class ArgMaxMatcher:
         Args:
             anchors: ``[N, 4]`` xyxy.
             gt_boxes: ``[B, M, 4]`` xyxy in input pixels, padded.
-            gt_labels: ``[B, M]`` class indices; -1 marks padding, -2 a crowd (ignore) region.
+            gt_labels: ``[B, M]`` class indices; -1 marks padding, ``CROWD_LABEL`` (-2) a crowd (ignore) region.
         """
         batch, num_gt = gt_labels.shape
         num_anchors = anchors.shape[0]
@@ -76,10 +76,10 @@ class ArgMaxMatcher:
             matched |= is_forced
 
         labels = torch.where(matched, gt_labels.gather(1, best_gt), labels)
-        crowd = gt_labels == IGNORE
+        crowd = gt_labels == CROWD_LABEL
         if crowd.any():
             crowd_iou = iou.masked_fill(~crowd[..., None], -1.0).amax(1)
-            labels = labels.masked_fill(~matched & (crowd_iou >= self.iou_threshold), IGNORE)
+            labels = labels.masked_fill(~matched & (crowd_iou >= self.iou_threshold), CROWD_LABEL)
 
         matched_boxes = gt_boxes.gather(1, best_gt[..., None].expand(-1, -1, 4)).to(anchors.dtype)
         box_targets = self.box_coder.encode(matched_boxes, anchors.expand(batch, -1, -1))

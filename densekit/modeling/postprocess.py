@@ -22,7 +22,9 @@ def flatten_levels(outputs: list[torch.Tensor], last_dim: int) -> torch.Tensor:
     return torch.cat(level_views(outputs, last_dim), 1)
 
 
-def topk_pairs(cls_logits: torch.Tensor | Sequence[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_pairs(
+    cls_logits: torch.Tensor | Sequence[torch.Tensor], k: int, traceable: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest (anchor, class) logits per image, as ``cls_logits.reshape(B, -1).topk(k)`` returns them.
 
     ``cls_logits`` is ``[B, N, C]``, or a list of per-level ``[B, N_l, C]`` (:func:`level_views`) standing for their
@@ -32,12 +34,16 @@ def topk_pairs(cls_logits: torch.Tensor | Sequence[torch.Tensor], k: int) -> tup
     lie in the anchors whose maximum reaches it (about k of them): gather those anchors' rows, keep the pairs
     reaching the bound, and sort the few survivors. Values come out in decreasing order; which of several logits
     tied at the cut-off are kept (and their order) can differ from a full sort, as between any two top-k kernels.
+
+    ``traceable=True`` always takes the full sort: the shortcut's shapes depend on the data, which a traced (ONNX)
+    graph cannot hold.
     """
     levels = [cls_logits] if isinstance(cls_logits, torch.Tensor) else list(cls_logits)
     batch, _, num_classes = levels[0].shape
     counts = [lvl.shape[1] for lvl in levels]
-    if k >= sum(counts):  # the bound needs k anchors; fall back to the plain sort
-        return torch.cat(levels, 1).reshape(batch, -1).topk(k, dim=1)
+    if traceable or k >= sum(counts):  # the bound needs k anchors; fall back to the plain sort
+        flat = levels[0] if len(levels) == 1 else torch.cat(levels, 1)  # (a cat of one tensor would copy it)
+        return flat.reshape(batch, -1).topk(k, dim=1)
     anchor_max = torch.cat([lvl.amax(-1) for lvl in levels], 1)  # [B, N]
     bound = anchor_max.topk(k, dim=1).values[:, -1]  # [B]
     starts = torch.tensor([0] + counts, device=anchor_max.device).cumsum(0)
@@ -112,17 +118,10 @@ class DetectionPostprocessor:
             One dict per image: ``boxes`` ``[K, 4]`` xyxy in input pixels, ``scores`` ``[K]``, ``labels`` ``[K]``
             (class index, 0-based), sorted by decreasing score.
         """
-        batch, num_anchors, _ = box_deltas.shape
-        num_classes = (cls_logits if isinstance(cls_logits, torch.Tensor) else cls_logits[0]).shape[-1]
-        k = min(self.pre_nms_top_k, num_anchors * num_classes)
-        top_logits, top_idx = topk_pairs(cls_logits, k)
-        anchor_idx = top_idx // num_classes
-        classes = top_idx % num_classes
-        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)).float()
-        boxes = self.box_coder.decode(deltas, anchors[anchor_idx])
-        limits = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
-        boxes = torch.minimum(boxes.clamp(min=0), limits[:, None])
-        scores = top_logits.float().sigmoid()
+        batch = box_deltas.shape[0]
+        num_classes = _num_classes(cls_logits)
+        limits = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32, device=box_deltas.device)
+        boxes, scores, classes = self.candidates(cls_logits, box_deltas, anchors, limits[:, None])
 
         if self.soft_nms:
             keep_idx, keep_scores = self._soft_nms(boxes, scores, classes)
@@ -134,6 +133,40 @@ class DetectionPostprocessor:
             idx, sc = keep_idx[b], keep_scores[b]
             results.append({"boxes": boxes[b, idx], "scores": sc, "labels": classes[b, idx]})
         return results
+
+    def candidates(
+        self,
+        cls_logits: torch.Tensor | Sequence[torch.Tensor],
+        box_deltas: torch.Tensor,
+        anchors: torch.Tensor,
+        limits: torch.Tensor,
+        traceable: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The NMS candidates: every image's ``pre_nms_top_k`` best (anchor, class) pairs, decoded and clipped.
+
+        Shared by :meth:`__call__` and the ONNX export's in-graph post-processing
+        (:mod:`densekit.deploy.onnx`), which differ only in the NMS that follows.
+
+        Args:
+            cls_logits: ``[B, N, C]``, or per level ``[B, N_l, C]`` (see :func:`topk_pairs`).
+            box_deltas: ``[B, N, 4]``.
+            anchors: ``[N, 4]`` xyxy.
+            limits: ``(W, H, W, H)`` to clip boxes to, broadcastable to ``[B, k, 4]``: ``[B, 1, 4]`` per image or
+                one ``[4]``.
+            traceable: Select with one full sort, whose shapes do not depend on the data (for export).
+
+        Returns:
+            ``boxes [B, k, 4]`` (float32, xyxy), ``scores [B, k]`` (sigmoid, decreasing) and ``classes [B, k]``.
+        """
+        num_classes = _num_classes(cls_logits)
+        k = min(self.pre_nms_top_k, box_deltas.shape[1] * num_classes)
+        top_logits, top_idx = topk_pairs(cls_logits, k, traceable=traceable)
+        anchor_idx = top_idx // num_classes
+        classes = top_idx % num_classes
+        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)).float()
+        boxes = self.box_coder.decode(deltas, anchors[anchor_idx])
+        boxes = torch.minimum(boxes.clamp(min=0), limits.to(boxes.dtype))
+        return boxes, top_logits.float().sigmoid(), classes
 
     def _hard_nms(self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, num_classes: int):
         """Class-wise NMS of every image's candidates, which come sorted by decreasing score (top-k order).
@@ -192,6 +225,11 @@ class DetectionPostprocessor:
         threshold = max(self.score_threshold, 1e-3)  # soft-NMS decays scores towards 0: drop the tail
         keep = scores_t >= threshold
         return [picks_t[b][keep[b]] for b in range(batch)], [scores_t[b][keep[b]] for b in range(batch)]
+
+
+def _num_classes(cls_logits: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    """The class count of ``[B, N, C]`` logits or of a list of per-level ones."""
+    return (cls_logits if isinstance(cls_logits, torch.Tensor) else cls_logits[0]).shape[-1]
 
 
 def box_iou_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.io import atomic_write
+
 
 def atomic_save_json(obj: Any, path: Path) -> None:
-    """Write JSON through a temp file + rename, like checkpoints, so readers never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
+    """Write ``obj`` as indented JSON through :func:`~densekit.checkpoint.io.atomic_write` (numbers that are not
+    Python floats, e.g. numpy scalars, are written as floats)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, default=float)

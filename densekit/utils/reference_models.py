@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..modeling.checkpoint_io import CheckpointError, load_state_dict_checked
+from ..checkpoint.io import CheckpointError, load_state_dict_checked
 from .complexity import count_parameters
 from .reference import effdet_counterpart
 
@@ -123,7 +123,7 @@ def _effdet_twin(model: nn.Module, name: str, size: tuple[int, int], batch: int)
         from effdet import EfficientDet, get_efficientdet_config
     except ImportError as err:
         raise NoReferenceError("comparing with effdet needs efficientdet-pytorch: pip install effdet") from err
-    from ..modeling.weights import convert_effdet
+    from ..checkpoint.convert import convert_effdet
 
     cfg = get_efficientdet_config(effdet_name)
     cfg.num_classes = model.config.num_classes
@@ -146,7 +146,7 @@ def _torchvision_twin(model: nn.Module, name: str) -> ReferenceModel:
         )
     from torchvision.models import segmentation
 
-    from ..modeling.weights import convert_torchvision_lraspp
+    from ..checkpoint.convert import convert_torchvision_lraspp
 
     ref = getattr(segmentation, tv_name)(weights=None, weights_backbone=None, num_classes=model.num_classes).eval()
     _check_and_load(model, ref, convert_torchvision_lraspp(ref.state_dict()), f"torchvision's {tv_name}")

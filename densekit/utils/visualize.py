@@ -7,6 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..checkpoint.io import atomic_write
+
 
 def _color(label: int) -> tuple[int, int, int]:
     # Fixed, well-separated hues per class so the same class keeps its colour across images.
@@ -40,7 +42,10 @@ def draw_detections(
 
 
 def save_image(path: str | Path, image_bgr: np.ndarray) -> None:
+    """Encode ``image_bgr`` in the format of ``path``'s suffix (``.jpg``, ``.png``...) and write it atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image_bgr):
-        raise OSError(f"could not write {path}")
+    ok, encoded = cv2.imencode(path.suffix, image_bgr)
+    if not ok:
+        raise OSError(f"could not encode an image for {path}")
+    with atomic_write(path) as f:
+        f.write(encoded.tobytes())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from densekit.engine import checkpoint as ckpt
+from densekit.checkpoint import train_state as ckpt
 from densekit.engine.ema import ModelEMA
 from densekit.engine.trainer import Trainer, TrainingDiverged
 

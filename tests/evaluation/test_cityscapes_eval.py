@@ -22,10 +22,9 @@ import torch.distributed as dist
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
 from cityscapesscripts.helpers.labels import name2label
 
-from densekit.data.cityscapes import CityscapesSegmentation
+from densekit.data.cityscapes import CITYSCAPES_CLASSES, CityscapesSegmentation
 from densekit.data.synthetic_cityscapes import ensure_synthetic_cityscapes
 from densekit.evaluation.cityscapes import (
-    CITYSCAPES_CLASSES,
     CityscapesEvaluator,
     colorize,
     format_cityscapes_table,

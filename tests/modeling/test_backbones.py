@@ -9,6 +9,7 @@ import torch
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from densekit.checkpoint.io import CheckpointError
 from densekit.modeling.backbones import (
     Backbone,
     MobileNetV3Backbone,
@@ -17,9 +18,12 @@ from densekit.modeling.backbones import (
     list_backbones,
 )
 from densekit.modeling.backbones._download import host_reachable
-from densekit.modeling.checkpoint_io import CheckpointError
 
 SIZE = 128
+
+
+def test_every_backbone_implements_the_declared_load_weights() -> None:
+    assert all(cls.load_weights is not Backbone.load_weights for cls in (TimmBackbone, MobileNetV3Backbone))
 
 
 def _run(backbone: Backbone, seed: int = 0) -> dict[str, torch.Tensor]:

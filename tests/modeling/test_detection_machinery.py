@@ -6,9 +6,10 @@ import torch
 from torchvision.ops import batched_nms, box_iou, nms
 
 import densekit
+from densekit.labels import CROWD_LABEL
 from densekit.modeling.anchors import AnchorGenerator
 from densekit.modeling.box_coder import BoxCoder
-from densekit.modeling.matcher import IGNORE, ArgMaxMatcher
+from densekit.modeling.matcher import ArgMaxMatcher
 from densekit.modeling.postprocess import DetectionPostprocessor, flatten_levels
 
 effdet = pytest.importorskip("effdet")
@@ -83,10 +84,10 @@ def test_target_assignment_and_loss_match_effdet() -> None:
 def test_crowd_regions_are_ignored_not_negative() -> None:
     anchors = AnchorGenerator()((128, 128))
     crowd = torch.tensor([[[0.0, 0.0, 64.0, 64.0]]])
-    targets = ArgMaxMatcher(BoxCoder())(anchors, crowd, torch.tensor([[IGNORE]]))
+    targets = ArgMaxMatcher(BoxCoder())(anchors, crowd, torch.tensor([[CROWD_LABEL]]))
     on_crowd = box_iou(crowd[0], anchors)[0] >= 0.5
     assert on_crowd.any()
-    assert (targets.labels[0, on_crowd] == IGNORE).all()
+    assert (targets.labels[0, on_crowd] == CROWD_LABEL).all()
     assert targets.num_positives.item() == 0
 
 
@@ -155,7 +156,8 @@ def test_bad_inputs_get_clear_errors() -> None:
 
 @pytest.mark.parametrize("num_anchors,k", [(500, 100), (50, 100)], ids=["bounded", "k>=anchors-fallback"])
 @pytest.mark.parametrize("per_level", [False, True], ids=["flat", "per-level"])
-def test_topk_pairs_equals_a_full_sort(num_anchors: int, k: int, per_level: bool) -> None:
+@pytest.mark.parametrize("traceable", [False, True], ids=["shortcut", "traceable"])
+def test_topk_pairs_equals_a_full_sort(num_anchors: int, k: int, per_level: bool, traceable: bool) -> None:
     from densekit.modeling.postprocess import topk_pairs
 
     logits = torch.randn(3, num_anchors, 7, generator=torch.Generator().manual_seed(0))  # distinct values: no ties
@@ -163,7 +165,7 @@ def test_topk_pairs_equals_a_full_sort(num_anchors: int, k: int, per_level: bool
     # Per level: uneven splits, one of them empty, standing for the concatenation (indices are global).
     cuts = [0, num_anchors // 2, num_anchors // 2, num_anchors - 3, num_anchors]
     levels = [logits[:, a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-    values, idx = topk_pairs(levels if per_level else logits, k)
+    values, idx = topk_pairs(levels if per_level else logits, k, traceable=traceable)
     assert torch.equal(values, ref_values) and torch.equal(idx, ref_idx)
 
 

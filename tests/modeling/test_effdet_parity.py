@@ -8,8 +8,8 @@ effdet = pytest.importorskip("effdet")
 from effdet import DetBenchPredict, EfficientDet as EffDet, get_efficientdet_config  # noqa: E402
 
 import densekit  # noqa: E402
-from densekit.modeling.weights import convert_effdet  # noqa: E402
-from densekit.modeling.checkpoint_io import load_state_dict_checked  # noqa: E402
+from densekit.checkpoint.convert import convert_effdet  # noqa: E402
+from densekit.checkpoint.io import load_state_dict_checked  # noqa: E402
 
 SIZE = 256  # small input: parity does not depend on resolution, CI time does
 

@@ -25,7 +25,7 @@ from densekit.modeling.backbones import (  # noqa: E402
     create_backbone,
     is_efficientnet_pytorch_layout,
 )
-from densekit.modeling.checkpoint_io import CheckpointError, read_state_dict  # noqa: E402
+from densekit.checkpoint.io import CheckpointError, read_state_dict  # noqa: E402
 
 # Photo -> acceptable ImageNet classes. Only photos every sensible setup gets right with a wide margin.
 PHOTOS = {

@@ -15,7 +15,7 @@ import densekit
 from densekit import CheckpointError
 from densekit.modeling.necks.bifpn import BiFPN
 from densekit.modeling.segmenter import SegmentationLoss, Segmenter
-from densekit.modeling.weights import load_weights
+from densekit.checkpoint.convert import load_weights
 from densekit.utils import count_parameters
 
 SEG_MODELS = densekit.list_models(arch="segmenter")

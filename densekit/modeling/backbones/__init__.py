@@ -12,7 +12,7 @@ from typing import Any
 
 import timm
 
-from ..checkpoint_io import read_state_dict
+from ...checkpoint.io import read_state_dict
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
 from .timm_backbone import TimmBackbone, unknown_backbone_message
@@ -61,7 +61,7 @@ def create_backbone(
     """
     if weights is not None and pretrained:
         raise ValueError("pass either weights=<file> or pretrained=True, not both")
-    backbone: TimmBackbone | MobileNetV3Backbone
+    backbone: Backbone
     if name in TORCHVISION_BACKBONES:
         backbone = MobileNetV3Backbone(name, out_levels=out_levels, pretrained=pretrained, **kwargs)
     elif timm.is_model(name):

@@ -6,6 +6,7 @@ built from the description alone.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +34,33 @@ class FeatureSpec:
 
 
 class Backbone(nn.Module):
-    """Base class: subclasses set ``self.feature_specs`` and return ``{spec.name: tensor}`` in that order."""
+    """Base class: subclasses set ``self.feature_specs``, return ``{spec.name: tensor}`` in that order, and load
+    weights in the layouts of the library they wrap (:meth:`load_weights`)."""
 
     feature_specs: list[FeatureSpec]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_weights(  # pragma: no cover - abstract
+        self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+    ) -> None:
+        """Load ``state_dict`` into this backbone, all-or-nothing.
+
+        Accepts densekit's own keys (this module's ``state_dict()``) and whatever layouts the subclass documents
+        (e.g. a bare timm or torchvision classification checkpoint, whose classifier tensors are ignored). Either
+        every tensor is loaded or none is: the checks run before the first tensor is copied
+        (:func:`~densekit.checkpoint.io.load_state_dict_checked`). ``create_backbone(weights=...)`` and
+        ``weights=`` files with no detector / segmenter keys end here.
+
+        Args:
+            state_dict: The tensors, keyed in a layout the subclass recognises.
+            source: What the tensors came from (e.g. ``"weights file b0.pth"``), quoted in errors.
+
+        Raises:
+            CheckpointError: naming ``source`` and the missing, unexpected and wrongly shaped keys; the backbone
+                is left unchanged.
+        """
         raise NotImplementedError
 
     @property

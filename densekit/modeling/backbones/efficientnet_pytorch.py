@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..checkpoint_io import CheckpointError, format_key_report
+from ...checkpoint.io import CheckpointError, format_key_report
 
 # efficientnet_pytorch block layer -> timm layer, per timm block class.
 _DS_BLOCK = {  # timm DepthwiseSeparableConv: no expansion conv

@@ -12,7 +12,7 @@ from typing import Any
 import timm
 import torch
 
-from ..checkpoint_io import CheckpointError, load_state_dict_checked
+from ...checkpoint.io import CheckpointError, load_state_dict_checked
 from ._download import download_errors_explained, ensure_download_possible, hf_hub_cached, torch_hub_cached
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout

@@ -18,7 +18,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from ..checkpoint_io import CheckpointError, load_state_dict_checked
+from ...checkpoint.io import CheckpointError, load_state_dict_checked
 from ._download import download_errors_explained, ensure_download_possible, torch_hub_cached
 from .base import Backbone, FeatureSpec, level_name
 

@@ -1,7 +1,9 @@
-"""Task heads: EfficientDet class/box nets, the ESeg head and LR-ASPP (segmentation heads register in SEG_HEADS)."""
+"""Prediction heads: EfficientDet's shared class / box towers, ESeg's multi-level fusion head, and LR-ASPP.
+
+Heads that register a builder (segmentation heads in SEG_HEADS) are found by importing every module here.
+"""
 import importlib
 import pkgutil
 
-# Every module here registers its builders on import; importing them all means a new head is one new file.
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -7,7 +7,7 @@ stride-8 feature adds the finer detail. The paper pools with a 49x49 kernel at s
 
 Sub-module names (``cbr``, ``scale``, ``low_classifier``, ``high_classifier``) are torchvision's, so its
 ``classifier.*`` tensors load under ``head.*`` unchanged (see
-:func:`densekit.modeling.weights.convert_torchvision_lraspp`).
+:func:`densekit.checkpoint.convert.convert_torchvision_lraspp`).
 """
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .modeling.heads.efficientdet import SharedConvTower
-from .modeling.layers import SeparableConv2d
+from ..modeling.heads.efficientdet import SharedConvTower
+from ..modeling.layers import SeparableConv2d
 
 __all__ = ["FoldedConvTower", "fold_batchnorm", "optimize_for_inference"]
 

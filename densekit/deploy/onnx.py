@@ -12,6 +12,7 @@ The exported graph takes ``images``: float ``[B, 3, H, W]`` in [0, 1] at a fixed
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -21,9 +22,10 @@ import torch
 from torch import nn
 from torchvision.ops import nms
 
-from .modeling.detector import EfficientDet
-from .modeling.postprocess import flatten_levels
-from .modeling.segmenter import Segmenter
+from ..checkpoint.io import atomic_write
+from ..modeling.detector import EfficientDet
+from ..modeling.postprocess import flatten_levels
+from ..modeling.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,12 @@ class _SegmentationNet(nn.Module):
 class _DetectionWithNms(nn.Module):
     """The detector's eval-mode post-processing (hard NMS) written with static shapes, so that it exports.
 
-    The eval path (:class:`~densekit.modeling.postprocess.DetectionPostprocessor`) returns a variable number of
-    boxes per image through ``batched_nms`` and Python loops; here the batch size and image size are fixed at export
-    time, anchors and clip limits become constants, class-wise NMS uses the coordinate-offset trick (one
-    ``torchvision.ops.nms`` per image, which maps to ONNX ``NonMaxSuppression``) and results are padded to
-    ``max_detections``.
+    The candidates (top-k, decoding, clipping) are the eval path's own
+    (:meth:`~densekit.modeling.postprocess.DetectionPostprocessor.candidates`, with its traceable full sort). Only
+    the NMS differs: the eval path returns a variable number of boxes per image through ``batched_nms`` and Python
+    loops; here the batch size and image size are fixed at export time, anchors and clip limits become constants,
+    class-wise NMS uses the coordinate-offset trick (one ``torchvision.ops.nms`` per image, which maps to ONNX
+    ``NonMaxSuppression``) and results are padded to ``max_detections``.
     """
 
     def __init__(self, model: EfficientDet, image_size: tuple[int, int]) -> None:
@@ -89,19 +92,11 @@ class _DetectionWithNms(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cls_out, box_out = self.model.forward_raw(images)
-        num_classes = self.model.num_classes
-        cls_logits = flatten_levels(cls_out, num_classes)
-        box_deltas = flatten_levels(box_out, 4)
-        batch, num_anchors, _ = cls_logits.shape
-        k = min(self.post.pre_nms_top_k, num_anchors * num_classes)
-        most = self.post.max_detections
-        top_logits, top_idx = cls_logits.reshape(batch, -1).topk(k, dim=1)
-        anchor_idx = top_idx // num_classes
-        classes = top_idx % num_classes
-        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(-1, -1, 4)).float()
-        boxes = self.post.box_coder.decode(deltas, self.anchors[anchor_idx])
-        boxes = torch.minimum(boxes.clamp(min=0), self.limits)
-        scores = top_logits.float().sigmoid()
+        boxes, scores, classes = self.post.candidates(
+            flatten_levels(cls_out, self.model.num_classes), flatten_levels(box_out, 4), self.anchors, self.limits,
+            traceable=True,
+        )
+        batch, most = boxes.shape[0], self.post.max_detections
         offset = classes.to(boxes.dtype)[..., None] * self.class_shift
         out_boxes, out_scores, out_labels, counts = [], [], [], []
         for b in range(batch):  # the batch is fixed at export, so this loop unrolls
@@ -143,8 +138,8 @@ def _check_size(image_size: tuple[int, int], batch: int) -> tuple[int, int]:
     return int(image_size[0]), int(image_size[1])
 
 
-def _run_exporter(module: nn.Module, example: torch.Tensor, out: Path, output_names: list[str], opset: int) -> None:
-    """Trace ``module`` on ``example`` into ``out``.
+def _run_exporter(module: nn.Module, example: torch.Tensor, output_names: list[str], opset: int) -> bytes:
+    """Trace ``module`` on ``example``; the serialised ONNX model.
 
     torch's dynamo exporter starts at opset 18 (it silently keeps 18 when asked for less and the down-conversion
     fails, as it does for ``Pad``), so lower opsets go through the TorchScript exporter, which emits them natively.
@@ -160,19 +155,20 @@ def _run_exporter(module: nn.Module, example: torch.Tensor, out: Path, output_na
             if program is None:
                 raise ExportError("torch.onnx.export returned no program")
             # One self-contained file: densekit models are far below ONNX's 2 GB protobuf limit.
-            program.save(str(out), external_data=False)
-        else:
-            torch.onnx.export(
-                module, (example,), str(out), input_names=["images"], output_names=output_names, opset_version=opset,
-                dynamo=False, do_constant_folding=True,
-            )
+            return program.model_proto.SerializeToString()
+        buffer = io.BytesIO()
+        torch.onnx.export(
+            module, (example,), buffer, input_names=["images"], output_names=output_names, opset_version=opset,
+            dynamo=False, do_constant_folding=True,
+        )
+        return buffer.getvalue()
 
 
-def _onnx_opset(path: Path) -> int:
-    """The default-domain opset a written ONNX file declares."""
+def _onnx_opset(model_bytes: bytes) -> int:
+    """The default-domain opset a serialised ONNX model declares."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load_from_string(model_bytes)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
@@ -210,21 +206,18 @@ def export_onnx(
     device = next(model.parameters()).device
     module.to(device)
     example = torch.rand(batch, 3, h, w, device=device)
-    # Same directory as the target, so os.replace is an atomic rename on one filesystem.
-    # The pid keeps concurrent exports apart; not mkstemp, whose 0600 mode would survive the rename.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        _run_exporter(module, example, tmp, output_names, opset)
-        written = _onnx_opset(tmp)
-        if written != opset:  # the exporter may keep a newer opset when it cannot convert down: say so, not ship it
-            raise ExportError(f"asked for opset {opset}, torch's exporter produced opset {written}")
-        os.replace(tmp, path)
+        model_bytes = _run_exporter(module, example, output_names, opset)
+        written = _onnx_opset(model_bytes)
     except ExportError:
         raise
     except Exception as err:  # the exporter raises many types; callers need one, with the cause attached
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(err).__name__}: {err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    if written != opset:  # the exporter may keep a newer opset when it cannot convert down: say so, not ship it
+        raise ExportError(f"asked for opset {opset}, torch's exporter produced opset {written}")
+    # The graph is checked before anything is written; the file then appears whole or not at all.
+    with atomic_write(path) as f:
+        f.write(model_bytes)
     log.debug("exported %s to %s (%d bytes)", getattr(getattr(model, "config", None), "name", type(model).__name__),
              path, path.stat().st_size)
     return path

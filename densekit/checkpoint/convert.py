@@ -1,4 +1,4 @@
-"""Checkpoint import through ``weights=``.
+"""Checkpoint import through ``weights=``: layout detection and the converters to densekit's keys.
 
 Recognised layouts, detected from the keys:
 
@@ -6,9 +6,12 @@ Recognised layouts, detected from the keys:
 * efficientdet-pytorch (effdet) ``EfficientDet`` state_dicts, TF-ported (``tf_efficientdet_*``) and native, with
   either of its head BatchNorm orders;
 * torchvision ``lraspp_mobilenet_v3_large`` state_dicts (``backbone.<N>.*``, ``classifier.*``);
-* backbone-only checkpoints (timm, efficientnet_pytorch, torchvision MobileNetV3), loaded into ``model.backbone``.
+* backbone-only checkpoints (timm, efficientnet_pytorch, torchvision MobileNetV3), loaded into ``model.backbone``
+  through :meth:`~densekit.modeling.backbones.base.Backbone.load_weights`. The efficientnet_pytorch converter stays
+  with the timm backbone (:mod:`densekit.modeling.backbones.efficientnet_pytorch`): it is read off the backbone's
+  timm block structure, and only that backbone's ``load_weights`` uses it.
 
-Whatever the layout, loading is all-or-nothing (:func:`~densekit.modeling.checkpoint_io.load_state_dict_checked`).
+Whatever the layout, loading is all-or-nothing (:func:`~densekit.checkpoint.io.load_state_dict_checked`).
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ import re
 import torch
 from torch import nn
 
-from .checkpoint_io import CheckpointError, load_state_dict_checked, read_state_dict
+from .io import CheckpointError, load_state_dict_checked, read_state_dict
 
 
 def is_effdet_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` is keyed like effdet's ``EfficientDet`` (``fpn.cell.*``, ``class_net.*``)."""
     return any(k.startswith("fpn.cell.") for k in state_dict) and any(k.startswith("class_net.") for k in state_dict)
 
 
@@ -62,6 +66,7 @@ def convert_effdet(state_dict: dict[str, torch.Tensor], num_backbone_levels: int
 
 
 def is_torchvision_lraspp_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` is keyed like torchvision's ``LRASPP`` (``backbone.<N>.*``, ``classifier.cbr.*``)."""
     return any(k.startswith("classifier.cbr.") for k in state_dict) and any(
         re.match(r"^backbone\.\d+\.", k) for k in state_dict
     )

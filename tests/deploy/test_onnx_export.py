@@ -15,9 +15,9 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import densekit  # noqa: E402
-from densekit.export import ExportError, check_onnx, export_onnx  # noqa: E402
+from densekit.deploy.onnx import ExportError, check_onnx, export_onnx  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_D0 = {"neck": {"repeats": 1}}
 
 
@@ -95,6 +95,21 @@ def test_unsupported_exports_raise(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         export_onnx(seg, tmp_path / "missing" / "seg.onnx", (64, 64))
     assert not list(tmp_path.rglob("*.onnx")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is written through atomic_write: a failure at its last step leaves the old graph, no temp file."""
+    model = densekit.create_model("lraspp_mobilenet_v3_small")
+    path = export_onnx(model, tmp_path / "m.onnx", (64, 64))
+    before = path.read_bytes()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(model, path, (64, 96))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 def _tool(*overrides: str) -> subprocess.CompletedProcess:

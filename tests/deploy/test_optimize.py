@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import densekit
-from densekit.inference import FoldedConvTower, fold_batchnorm
+from densekit.deploy.optimize import FoldedConvTower, fold_batchnorm
 
 RAW_TOL = 1e-4
 
@@ -178,7 +178,7 @@ def test_compile_frozen_fuses_the_activation_into_a_prepacked_convolution() -> N
     call runs oneDNN's fused conv + ReLU, and still computes the module's output."""
     from torch.profiler import profile
 
-    from densekit.inference import compile_frozen
+    from densekit.deploy.optimize import compile_frozen
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()

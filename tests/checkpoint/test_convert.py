@@ -53,7 +53,7 @@ def test_wrong_checkpoint_names_bad_keys_and_loads_nothing(tmp_path: Path) -> No
     path = effdet_checkpoint(tmp_path, "tf_efficientdet_d1")
     model = densekit.create_model("efficientdet_d0", **TINY)
     before = snapshot(model)
-    from densekit.modeling.weights import load_weights
+    from densekit.checkpoint.convert import load_weights
 
     with pytest.raises(CheckpointError) as err:
         load_weights(model, path)

@@ -1,0 +1,6 @@
+"""Deployment: inference-only rewrites of a trained model (``optimize``: BatchNorm folding, channels_last,
+``torch.compile`` with inductor freezing) and ONNX export with an onnxruntime parity check (``onnx``).
+
+``densekit.optimize_for_inference`` is :func:`densekit.deploy.optimize.optimize_for_inference`. This package
+imports nothing itself, so that using one part does not load the other (``onnx`` needs the ONNX extras).
+"""
