@@ -37,10 +37,11 @@ from collections.abc import Callable
 import hydra
 import torch
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from torch import nn
 
 import densekit
+from densekit.config import image_size_arg
 from densekit.inference import compile_frozen
 from densekit.utils import count_macs, count_parameters, format_count
 from densekit.utils.benchmarking import (
@@ -76,16 +77,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def input_size(value: object, default: list[int]) -> tuple[int, int]:
-    """``image_size`` as ``(H, W)``: None -> ``default``, an int -> square, a pair -> itself."""
-    value = default if value is None else value
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    sys.exit(f"image_size must be an int or [H, W], got {value!r}")
-
-
 def run(cfg: DictConfig) -> dict:
     """Run the benchmark described by ``cfg`` and return the results (the JSON written to ``bench.output``)."""
     b = cfg.bench
@@ -98,7 +89,10 @@ def run(cfg: DictConfig) -> dict:
     if b.threads is not None:
         torch.set_num_threads(int(b.threads))
     model = densekit.build_model(cfg.model).eval()
-    size = input_size(cfg.image_size, list(model.config.image_size))
+    try:
+        size = image_size_arg(cfg.image_size, model.config.image_size)
+    except ValueError as err:  # a command-line mistake: one line, no traceback
+        sys.exit(str(err))
     result: dict = {
         "model": model.config.name,
         "device": str(device),

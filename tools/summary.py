@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
 
 import hydra
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from torch import nn
 
 import densekit
+from densekit.config import image_size_arg
 from densekit.utils import PAPER, count_macs, count_parameters, format_count
 
 log = logging.getLogger(__name__)
-
-
-def input_size(value: object, default: Sequence[int]) -> tuple[int, int]:
-    """``image_size`` as ``(H, W)``: None -> ``default``, an int -> square, a pair -> itself."""
-    if value is None:
-        value = default
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    sys.exit(f"image_size must be an int or [H, W], got {value!r}")
 
 
 def build_shapes_only(model_cfg: DictConfig) -> nn.Module:
@@ -138,7 +127,10 @@ def summarize_segmenter(model: nn.Module, size: tuple[int, int]) -> str:
 def main(cfg: DictConfig) -> None:
     """Entry point: build ``cfg.model`` and print its summary."""
     model = build_shapes_only(cfg.model).eval()
-    size = input_size(cfg.image_size, model.config.image_size)
+    try:
+        size = image_size_arg(cfg.image_size, model.config.image_size)
+    except ValueError as err:  # a command-line mistake: one line, no traceback
+        sys.exit(str(err))
     print(summarize_segmenter(model, size) if model.config.arch == "segmenter" else summarize(model, size))
 
 
