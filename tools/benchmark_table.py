@@ -6,7 +6,7 @@ Usage::
     HF_HUB_OFFLINE=1 python tools/benchmark_table.py efficientdet_d0 eseg_lite_s --iters 5
     HF_HUB_OFFLINE=1 python tools/benchmark_table.py --device cuda --precision fp16 --compile   # GPU FPS
 
-Each row is one run of ``tools/benchmark.py`` in its own process (so one model's memory or compiled kernels never
+Each row is one run of ``benchmarks/benchmark.py`` in its own process (so one model's memory or compiled kernels never
 affect the next), with BN folding and channels_last (densekit's optimised eager model; ``--compile`` adds
 torch.compile with inductor freezing) at the model's native size: EfficientDet's ``image_size``, 1024x2048 for the
 Cityscapes segmenters. The ``command`` column is that exact command; run it to reproduce or extend a row.
@@ -31,9 +31,9 @@ from densekit.utils import format_count  # noqa: E402
 
 
 def command(name: str, args: argparse.Namespace) -> list[str]:
-    """The ``tools/benchmark.py`` command line of one row (without the JSON output path)."""
+    """The ``benchmarks/benchmark.py`` command line of one row (without the JSON output path)."""
     cmd = [
-        "python", "tools/benchmark.py", f"model={name}", f"bench.iters={args.iters}", f"bench.warmup={args.warmup}",
+        "python", "benchmarks/benchmark.py", f"model={name}", f"bench.iters={args.iters}", f"bench.warmup={args.warmup}",
         f"bench.device={args.device}", f"bench.precision={args.precision}", "bench.fold_bn=true",
         "bench.channels_last=true", "bench.matmul_peak=false",
     ]

@@ -10,12 +10,17 @@ Every model is built on the meta device (shapes only), so the whole zoo takes se
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ is not installed
 
-import densekit
-from densekit.utils import PAPER, count_macs, count_parameters, effdet_counterpart
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import densekit  # noqa: E402
+from benchmarks.references import effdet_counterpart  # noqa: E402
+from densekit.utils import PAPER, count_macs, count_parameters  # noqa: E402
 
 
 def effdet_meta(name: str, image_size: list[int]) -> nn.Module | None:

@@ -1,6 +1,6 @@
 """Utilities that sit beside the models: complexity counting and published reference numbers."""
 from .complexity import count_macs, count_parameters, format_count, to_meta
-from .reference import EFFDET_PARAMS, PAPER, PaperNumbers, effdet_counterpart
+from .reference import EFFDET_PARAMS, PAPER, PaperNumbers
 
 __all__ = [
     "EFFDET_PARAMS",
@@ -8,7 +8,6 @@ __all__ = [
     "PaperNumbers",
     "count_macs",
     "count_parameters",
-    "effdet_counterpart",
     "format_count",
     "to_meta",
 ]

@@ -2,11 +2,11 @@
 
 Usage::
 
-    python tools/benchmark.py model=efficientdet_d0 bench.iters=30
-    python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.output=d0.json
-    python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true \
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.iters=30
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.output=d0.json
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true \
         bench.fold_bn=true bench.compile=true
-    python tools/benchmark.py model=lraspp_mobilenet_v3_large image_size=[1024,2048] bench.compare=true
+    python benchmarks/benchmark.py model=lraspp_mobilenet_v3_large image_size=[1024,2048] bench.compare=true
 
 Two modes are timed under ``torch.inference_mode`` after ``bench.warmup`` untimed calls:
 
@@ -33,26 +33,31 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
-import hydra
-import torch
-from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
-from torch import nn
+# A script's own folder heads sys.path: put the repository root first, so that `benchmarks` imports and `densekit`
+# is this checkout's, not whichever copy is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import densekit
-from densekit.config import image_size_arg
-from densekit.inference import compile_frozen
-from densekit.utils import count_macs, count_parameters, format_count
-from densekit.utils.benchmarking import (
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import to_absolute_path  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from torch import nn  # noqa: E402
+
+import densekit  # noqa: E402
+from benchmarks.references import NoReferenceError, ReferenceModel, reference_twin  # noqa: E402
+from benchmarks.results import save_result  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
     device_description,
     matmul_peak_gflops,
-    save_result,
     stats,
     synchronizer,
     time_interleaved,
 )
-from densekit.utils.reference_models import NoReferenceError, ReferenceModel, reference_twin
+from densekit.config import image_size_arg  # noqa: E402
+from densekit.inference import compile_frozen  # noqa: E402
+from densekit.utils import count_macs, count_parameters, format_count  # noqa: E402
 
 MODES = ("network", "end_to_end")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # the autocast dtype; None = no autocast
