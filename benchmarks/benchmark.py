@@ -42,13 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
-from hydra.utils import to_absolute_path  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from torch import nn  # noqa: E402
 
 import densekit  # noqa: E402
 from benchmarks.references import NoReferenceError, ReferenceModel, reference_twin  # noqa: E402
-from benchmarks.results import save_result  # noqa: E402
+from benchmarks.results import publish  # noqa: E402
 from benchmarks.timing import (  # noqa: E402
     device_description,
     matmul_peak_gflops,
@@ -285,10 +284,7 @@ def report(r: dict[str, Any]) -> str:
 def main(cfg: DictConfig) -> None:
     """Entry point: benchmark ``cfg.model`` as ``cfg.bench`` says, print the results, write JSON if asked."""
     result = run(cfg)
-    print(report(result))
-    path = save_result(result, to_absolute_path(str(cfg.bench.output)) if cfg.bench.output else None)
-    if path is not None:
-        print(f"\nwrote {path}")
+    publish(result, report(result), cfg.bench.output)
 
 
 if __name__ == "__main__":

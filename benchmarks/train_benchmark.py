@@ -21,12 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
-from hydra.utils import to_absolute_path  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import densekit  # noqa: E402, F401  (registers the config schemas)
 from benchmarks.references import NoReferenceError, effdet_targets, effdet_train_twin  # noqa: E402
-from benchmarks.results import save_result  # noqa: E402
+from benchmarks.results import publish  # noqa: E402
 from benchmarks.timing import device_description, stats, time_interleaved  # noqa: E402
 from densekit.data.build import build_detection_dataset  # noqa: E402
 from densekit.data.loader import build_loader  # noqa: E402
@@ -144,10 +143,7 @@ def report(r: dict[str, Any]) -> str:
 def main(cfg: DictConfig) -> None:
     """Entry point: benchmark ``cfg.model``'s training step and the loader, print the results, write JSON if asked."""
     result = run(cfg)
-    print(report(result))
-    path = save_result(result, to_absolute_path(str(cfg.bench.output)) if cfg.bench.output else None)
-    if path is not None:
-        print(f"\nwrote {path}")
+    publish(result, report(result), cfg.bench.output)
 
 
 if __name__ == "__main__":
