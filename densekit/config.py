@@ -6,8 +6,11 @@ and wrong types with the key's full name, e.g. ``Key 'neck.chanels' not in 'Neck
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+from omegaconf import ListConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -156,6 +159,28 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     backbone_weights: Optional[str] = "auto"  # auto | none | <path>: backbone init when no full checkpoint is given
+
+
+def image_size_arg(value: Any, default: Sequence[int]) -> tuple[int, int]:
+    """A command line's ``image_size`` override as ``(H, W)``.
+
+    Args:
+        value: ``None`` (use ``default``), an int (a square input) or a pair ``[H, W]``.
+        default: The model config's ``image_size``, used when ``value`` is ``None``.
+
+    Returns:
+        ``(H, W)`` as ints.
+
+    Raises:
+        ValueError: ``value`` (or ``default``) is neither an int nor a pair; the tools report it in one line.
+    """
+    if value is None:
+        value = default
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    raise ValueError(f"image_size must be an int or [H, W], got {value!r}")
 
 
 def register_configs() -> None:

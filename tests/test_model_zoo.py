@@ -19,7 +19,8 @@ effdet = pytest.importorskip("effdet")
 from effdet import EfficientDet as EffDet, get_efficientdet_config  # noqa: E402
 
 import densekit  # noqa: E402
-from densekit.utils import EFFDET_PARAMS, PAPER, count_macs, count_parameters, effdet_counterpart  # noqa: E402
+from benchmarks.references import effdet_counterpart  # noqa: E402
+from densekit.utils import EFFDET_PARAMS, PAPER, count_macs, count_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = densekit.list_models(arch="efficientdet")

@@ -16,28 +16,17 @@ import sys
 import time
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 import densekit
 from densekit.checkpoint.convert import load_weights
-from densekit.config import register_configs
+from densekit.config import image_size_arg, register_configs
 from densekit.deploy.onnx import ExportError, check_onnx, export_onnx
 
 log = logging.getLogger("densekit.export")
 
 # Errors a user can cause and fix from the command line: reported in one line, without a traceback.
 USER_ERRORS = (ExportError, ValueError, FileNotFoundError, densekit.CheckpointError, AssertionError, ImportError)
-
-
-def input_size(value: object, default: object) -> tuple[int, int]:
-    """``image_size`` as ``(H, W)``: None -> ``default``, an int -> square, a pair -> itself."""
-    if value is None:
-        value = default
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    raise ValueError(f"image_size must be an int or [H, W], got {value!r}")
 
 
 def run(cfg: DictConfig) -> None:
@@ -49,7 +38,7 @@ def run(cfg: DictConfig) -> None:
         load_weights(model, cfg.weights)
     else:
         log.warning("no weights=<checkpoint>: exporting %s with freshly initialised weights", cfg.model.name)
-    size = input_size(cfg.image_size, model.config.image_size)
+    size = image_size_arg(cfg.image_size, model.config.image_size)
     start = time.perf_counter()
     path = export_onnx(model, cfg.export.output, size, cfg.export.batch, cfg.export.opset, cfg.export.postprocess)
     seconds = time.perf_counter() - start

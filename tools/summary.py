@@ -11,29 +11,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
 
 import hydra
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from torch import nn
 
 import densekit
-from densekit.config import register_configs
+from densekit.config import image_size_arg, register_configs
 from densekit.tasks import task_of_model
 
 log = logging.getLogger(__name__)
-
-
-def input_size(value: object, default: Sequence[int]) -> tuple[int, int]:
-    """``image_size`` as ``(H, W)``: None -> ``default``, an int -> square, a pair -> itself."""
-    if value is None:
-        value = default
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    sys.exit(f"image_size must be an int or [H, W], got {value!r}")
 
 
 def build_shapes_only(model_cfg: DictConfig) -> nn.Module:
@@ -53,7 +41,10 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     """Entry point: build ``cfg.model`` and print its summary."""
     model = build_shapes_only(cfg.model).eval()
-    size = input_size(cfg.image_size, model.config.image_size)
+    try:
+        size = image_size_arg(cfg.image_size, model.config.image_size)
+    except ValueError as err:  # a command-line mistake: one line, no traceback
+        sys.exit(str(err))
     print(task_of_model(model.config).summary(model, size))
 
 

@@ -1,4 +1,4 @@
-"""Published numbers densekit is checked against, and the names of the matching efficientdet-pytorch models.
+"""Published numbers densekit is checked against (paper complexity, efficientdet-pytorch parameter counts).
 
 Source: Tan, Pang, Le, "EfficientDet: Scalable and Efficient Object Detection" (CVPR 2020), Table 2, as collected
 in the project's reference notes. The paper gives parameters to 0.1M and MACs to three significant digits; it
@@ -41,17 +41,3 @@ EFFDET_PARAMS: dict[str, int] = {
     "tf_efficientdet_d7x": 77_147_166,
 }
 
-
-def effdet_counterpart(name: str) -> str | None:
-    """The efficientdet-pytorch model that ``conf/model/<name>`` reproduces, or None if it has none.
-
-    densekit's ``efficientdet_dN`` / ``efficientdet_liteN`` are the TF-ported ``tf_efficientdet_dN`` /
-    ``tf_efficientdet_liteN`` (TF 'SAME' padding, conv bias before BN). When effdet is installed, the name is
-    checked against its model registry.
-    """
-    candidate = f"tf_{name}"
-    try:
-        from effdet.config.model_config import efficientdet_model_param_dict
-    except ImportError:  # effdet is a test-only dependency: answer from the naming rule alone
-        return candidate if name.startswith("efficientdet_") else None
-    return candidate if candidate in efficientdet_model_param_dict else None

@@ -114,19 +114,6 @@ def test_bad_config_key_and_missing_dataset_give_clear_errors(tmp_path: Path) ->
     assert done.returncode != 0 and "nowhere" in done.stderr and "Traceback" not in done.stderr[-300:]
 
 
-def test_train_benchmark_times_both_implementations(tmp_path: Path) -> None:
-    out = tmp_path / "train_bench.json"
-    cmd = tool("train_benchmark.py", "model=efficientdet_lite0", "bench.image_size=128", "bench.batch_size=2", "bench.iters=1",
-               "bench.warmup=1", "bench.loader_images=4", "bench.num_workers=[0]", "data.num_train=8", "data.num_val=2",
-               f"bench.output={out}", datasets=tmp_path)
-    done = subprocess.run(cmd, env=env_for(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert set(result["train_step"]) == {"densekit", "effdet"}
-    assert all(s["median_ms"] > 0 for s in result["train_step"].values())
-    assert result["loader_images_per_s"]["num_workers=0"] > 0
-
-
 def test_segmentation_trains_and_evaluates_on_synthetic_cityscapes(tmp_path: Path) -> None:
     run, evald = tmp_path / "run", tmp_path / "eval"
     common = ["model=lraspp_mobilenet_v3_small", "data=synthetic_cityscapes", "data.num_train=8", "data.num_val=4"]

@@ -1,15 +1,14 @@
-"""tools/benchmark.py: both references (effdet, torchvision), the JSON it writes, and its behaviour on bad input.
+"""benchmarks/benchmark.py: both references (effdet, torchvision), the JSON it writes, and its behaviour on bad input.
 
 Timings are never asserted (a shared 2-core machine); the tests check what is timed, what is reported, and that
 failures say why. Tiny settings: 1-2 timed calls, small inputs.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import os
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,10 @@ pytest.importorskip("effdet")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_benchmark(*overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "tools/benchmark.py", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+@pytest.fixture
+def run_benchmark(run_script: Callable[..., subprocess.CompletedProcess]) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_benchmark(*overrides)``: benchmarks/benchmark.py with those overrides."""
+    return lambda *overrides: run_script("benchmark.py", *overrides)
 
 
 def check_rows(result: dict, impls: tuple[str, ...]) -> None:
@@ -44,7 +42,7 @@ def check_rows(result: dict, impls: tuple[str, ...]) -> None:
             assert ratio == pytest.approx(expected)
 
 
-def test_compares_with_effdet_and_writes_json(tmp_path: Path) -> None:
+def test_compares_with_effdet_and_writes_json(tmp_path: Path, run_benchmark: Callable[..., subprocess.CompletedProcess]) -> None:
     output = tmp_path / "bench.json"
     proc = run_benchmark(
         "model=efficientdet_lite0", "bench.iters=2", "bench.warmup=1", "bench.compare=true", "bench.fold_bn=true",
@@ -62,7 +60,7 @@ def test_compares_with_effdet_and_writes_json(tmp_path: Path) -> None:
         assert text in proc.stdout
 
 
-def test_lraspp_compares_with_torchvision(tmp_path: Path) -> None:
+def test_lraspp_compares_with_torchvision(tmp_path: Path, run_benchmark: Callable[..., subprocess.CompletedProcess]) -> None:
     output = tmp_path / "bench.json"
     proc = run_benchmark(
         "model=lraspp_mobilenet_v3_large", "image_size=[128,256]", "bench.iters=1", "bench.warmup=0",
@@ -85,16 +83,14 @@ def test_lraspp_compares_with_torchvision(tmp_path: Path) -> None:
         (["model=efficientdet_d0", "model.neck.channels=32"], "not the same model"),
     ],
 )
-def test_refuses_clearly(overrides: list[str], message: str) -> None:
+def test_refuses_clearly(overrides: list[str], message: str, run_benchmark: Callable[..., subprocess.CompletedProcess]) -> None:
     proc = run_benchmark("bench.compare=true", "bench.iters=1", *overrides)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_failed_compile_is_reported_and_eager_times_still_come_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("benchmark_tool", ROOT / "tools" / "benchmark.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("benchmarks.benchmark")
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no C++ compiler on this machine")
@@ -114,7 +110,7 @@ def test_a_failed_compile_is_reported_and_eager_times_still_come_out(monkeypatch
     assert "compile FAILED" in tool.report(result)
 
 
-def test_compile_times_the_reference_eager_and_compiled(tmp_path: Path) -> None:
+def test_compile_times_the_reference_eager_and_compiled(tmp_path: Path, run_benchmark: Callable[..., subprocess.CompletedProcess]) -> None:
     """bench.compile=true: densekit compiled, and effdet timed both eager and compiled (inductor freezing) in the
     same run, with a ratio against each."""
     output = tmp_path / "bench.json"

@@ -2,11 +2,11 @@
 
 Usage::
 
-    python tools/benchmark.py model=efficientdet_d0 bench.iters=30
-    python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.output=d0.json
-    python tools/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true \
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.iters=30
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.output=d0.json
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true \
         bench.fold_bn=true bench.compile=true
-    python tools/benchmark.py model=lraspp_mobilenet_v3_large image_size=[1024,2048] bench.compare=true
+    python benchmarks/benchmark.py model=lraspp_mobilenet_v3_large image_size=[1024,2048] bench.compare=true
 
 Two modes are timed under ``torch.inference_mode`` after ``bench.warmup`` untimed calls:
 
@@ -33,26 +33,31 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-import hydra
-import torch
-from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, ListConfig
-from torch import nn
+# A script's own folder heads sys.path: put the repository root first, so that `benchmarks` imports and `densekit`
+# is this checkout's, not whichever copy is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import densekit
-from densekit.config import register_configs
-from densekit.deploy.optimize import compile_frozen
-from densekit.utils import count_macs, count_parameters, format_count
-from densekit.utils.benchmarking import (
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from torch import nn  # noqa: E402
+
+import densekit  # noqa: E402
+from benchmarks.references import NoReferenceError, ReferenceModel, reference_twin  # noqa: E402
+from benchmarks.results import publish  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
     device_description,
     matmul_peak_gflops,
-    save_result,
     stats,
     synchronizer,
     time_interleaved,
 )
-from densekit.utils.reference_models import NoReferenceError, ReferenceModel, reference_twin
+from densekit.config import image_size_arg, register_configs  # noqa: E402
+from densekit.deploy.optimize import compile_frozen  # noqa: E402
+from densekit.utils import count_macs, count_parameters, format_count  # noqa: E402
 
 MODES = ("network", "end_to_end")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # the autocast dtype; None = no autocast
@@ -77,30 +82,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def input_size(value: object, default: list[int]) -> tuple[int, int]:
-    """``image_size`` as ``(H, W)``: None -> ``default``, an int -> square, a pair -> itself."""
-    value = default if value is None else value
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    sys.exit(f"image_size must be an int or [H, W], got {value!r}")
-
-
-def run(cfg: DictConfig) -> dict:
-    """Run the benchmark described by ``cfg`` and return the results (the JSON written to ``bench.output``)."""
-    b = cfg.bench
+def run_settings(b: DictConfig) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype (None: no autocast) of ``cfg.bench``, or exit with why it is unusable; sets
+    ``bench.threads``."""
     if b.iters < 1 or b.warmup < 0 or b.batch_size < 1:
         sys.exit("bench.iters and bench.batch_size must be >= 1 and bench.warmup >= 0")
     device = resolve_device(str(b.device))
     if str(b.precision) not in PRECISIONS:
         sys.exit(f"bench.precision={b.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    amp_dtype = PRECISIONS[str(b.precision)]
     if b.threads is not None:
         torch.set_num_threads(int(b.threads))
-    model = densekit.build_model(cfg.model).eval()
-    size = input_size(cfg.image_size, list(model.config.image_size))
-    result: dict = {
+    return device, PRECISIONS[str(b.precision)]
+
+
+def describe_run(
+    b: DictConfig, model: nn.Module, size: tuple[int, int], device: torch.device, amp_dtype: torch.dtype | None
+) -> dict[str, Any]:
+    """The results' header: what runs where, how, and the model's size; ``notes`` starts with the known pitfalls."""
+    result: dict[str, Any] = {
         "model": model.config.name,
         "device": str(device),
         "device_name": device_description(device),
@@ -123,31 +122,59 @@ def run(cfg: DictConfig) -> dict:
             "fp16 on the CPU: measured far slower than fp32 on the development machine (EfficientDet-Lite0 network "
             "429 vs ~30 ms); fp16 is a GPU precision, bf16 the CPU's fast reduced one"
         )
+    return result
+
+
+def reference_fns(
+    b: DictConfig, model: nn.Module, images: torch.Tensor, fmt: torch.memory_format, amp: Callable,
+    result: dict[str, Any], macs: dict[str, int],
+) -> dict[str, Callable[[], object]]:
+    """The reference twin's timed functions (eager, and compiled with ``bench.compile``), keyed ``impl/mode``.
+
+    Call before optimising ``model``: the twin's weights are loaded into the plain model. Records the reference in
+    ``result`` and its MACs in ``macs``; exits with the reason when ``model`` has no twin.
+    """
+    size = tuple(images.shape[-2:])
+    try:
+        ref = reference_twin(model, size, b.batch_size)
+    except NoReferenceError as err:
+        sys.exit(f"bench.compare=true: {err}")
+    result["reference"] = {"implementation": ref.label, "model": ref.name}
+    macs[ref.label] = count_macs(ref.network, size)
+    device = images.device
+    ref_images = ((images.cpu() - model.pixel_mean) / model.pixel_std).to(device).contiguous(memory_format=fmt)
+    ref_net = ref.network.to(device, memory_format=fmt)
+    ref_e2e = ref.end_to_end.to(device, memory_format=fmt)
+    fns: dict[str, Callable[[], object]] = {
+        f"{ref.label}/network": lambda: ref_net(ref_images),
+        f"{ref.label}/end_to_end": lambda: ref_e2e(ref_images),
+    }
+    if b.compile:
+        compiled = _compile_reference(ref, ref_net, ref_e2e, ref_images, amp, result["notes"])
+        if compiled is not None:
+            c_net, c_e2e = compiled
+            macs[f"{ref.label}+compile"] = macs[ref.label]
+            fns[f"{ref.label}+compile/network"] = lambda: c_net(ref_images)
+            fns[f"{ref.label}+compile/end_to_end"] = lambda: c_e2e(ref_images)
+    return fns
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg`` and return the results (the JSON written to ``bench.output``)."""
+    b = cfg.bench
+    device, amp_dtype = run_settings(b)
+    model = densekit.build_model(cfg.model).eval()
+    try:
+        size = image_size_arg(cfg.image_size, model.config.image_size)
+    except ValueError as err:  # a command-line mistake: one line, no traceback
+        sys.exit(str(err))
+    result = describe_run(b, model, size, device, amp_dtype)
     fmt = torch.channels_last if b.channels_last else torch.contiguous_format
     images = torch.rand(b.batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
     images = images.to(device).contiguous(memory_format=fmt)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
-    fns: dict[str, Callable[[], object]] = {}
     macs: dict[str, int] = {"densekit": count_macs(model, size)}
-    if b.compare:
-        try:  # before optimising: the twin's weights are loaded into the plain model
-            ref = reference_twin(model, size, b.batch_size)
-        except NoReferenceError as err:
-            sys.exit(f"bench.compare=true: {err}")
-        result["reference"] = {"implementation": ref.label, "model": ref.name}
-        macs[ref.label] = count_macs(ref.network, size)
-        ref_images = ((images.cpu() - model.pixel_mean) / model.pixel_std).to(device).contiguous(memory_format=fmt)
-        ref_net = ref.network.to(device, memory_format=fmt)
-        ref_e2e = ref.end_to_end.to(device, memory_format=fmt)
-        fns[f"{ref.label}/network"] = lambda: ref_net(ref_images)
-        fns[f"{ref.label}/end_to_end"] = lambda: ref_e2e(ref_images)
-        if b.compile:
-            compiled = _compile_reference(ref, ref_net, ref_e2e, ref_images, amp, result["notes"])
-            if compiled is not None:
-                c_net, c_e2e = compiled
-                macs[f"{ref.label}+compile"] = macs[ref.label]
-                fns[f"{ref.label}+compile/network"] = lambda: c_net(ref_images)
-                fns[f"{ref.label}+compile/end_to_end"] = lambda: c_e2e(ref_images)
+    fns = reference_fns(b, model, images, fmt, amp, result, macs) if b.compare else {}
     model = model.to(device, memory_format=fmt)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -167,20 +194,26 @@ def run(cfg: DictConfig) -> dict:
     result["macs_per_image"] = macs["densekit"]
     if b.matmul_peak:
         result["matmul_peak_gflops"] = matmul_peak_gflops(device, amp_dtype or torch.float32)
-    result["results"] = {}
+    return {**result, **summarise(times, macs, b.batch_size)}
+
+
+def summarise(times: dict[str, list[float]], macs: dict[str, int], batch: int) -> dict[str, Any]:
+    """``results`` (statistics, achieved GFLOP/s and raw times per ``impl/mode``) and ``ratios`` (densekit over
+    each reference, by mode) of the timed functions' wall times."""
+    results: dict[str, dict[str, Any]] = {}
     for key, t in times.items():
         impl, mode = key.split("/")
-        entry = stats(t, b.batch_size)
+        entry = stats(t, batch)
         if mode == "network":  # achieved throughput: 2 FLOPs per multiply-add, over the median time
-            entry["gflops"] = 2 * macs[impl] * b.batch_size / (entry["median_ms"] * 1e6)
+            entry["gflops"] = 2 * macs[impl] * batch / (entry["median_ms"] * 1e6)
         # Raw times too: on a shared machine the spread says whether the summary statistics can be trusted.
-        result["results"].setdefault(impl, {})[mode] = {**entry, "times_ms": [x * 1000.0 for x in t]}
-    ours = result["results"]["densekit"]
-    result["ratios"] = {  # densekit over each reference row, by mode
+        results.setdefault(impl, {})[mode] = {**entry, "times_ms": [x * 1000.0 for x in t]}
+    ours = results["densekit"]
+    ratios = {  # densekit over each reference row, by mode
         impl: {mode: {k: ours[mode][k] / res[mode][k] for k in ("mean_ms", "median_ms")} for mode in MODES}
-        for impl, res in result["results"].items() if impl != "densekit"
+        for impl, res in results.items() if impl != "densekit"
     }
-    return result
+    return {"results": results, "ratios": ratios}
 
 
 def _compile_reference(
@@ -208,7 +241,7 @@ def _compile_reference(
     return compiled
 
 
-def report(r: dict) -> str:
+def report(r: dict[str, Any]) -> str:
     """The printed form of :func:`run`'s results."""
     h, w = r["image_size"]
     ref = r.get("reference")
@@ -254,10 +287,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     """Entry point: benchmark ``cfg.model`` as ``cfg.bench`` says, print the results, write JSON if asked."""
     result = run(cfg)
-    print(report(result))
-    path = save_result(result, to_absolute_path(str(cfg.bench.output)) if cfg.bench.output else None)
-    if path is not None:
-        print(f"\nwrote {path}")
+    publish(result, report(result), cfg.bench.output)
 
 
 if __name__ == "__main__":

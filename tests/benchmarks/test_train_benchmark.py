@@ -1,0 +1,40 @@
+"""benchmarks/train_benchmark.py: densekit's and effdet's training steps timed side by side, and the loader."""
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("effdet")
+
+
+def test_train_benchmark_times_both_implementations(
+    tmp_path: Path, run_script: Callable[..., subprocess.CompletedProcess]
+) -> None:
+    out = tmp_path / "train_bench.json"
+    done = run_script(
+        "train_benchmark.py", "model=efficientdet_lite0", "bench.image_size=128", "bench.batch_size=2", "bench.iters=1",
+        "bench.warmup=1", "bench.loader_images=4", "bench.num_workers=[0]", "data.num_train=8", "data.num_val=2",
+        f"bench.output={out}", env={"DENSEKIT_DATASETS": str(tmp_path), "OMP_NUM_THREADS": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["train_step"]) == {"densekit", "effdet"}
+    assert all(s["median_ms"] > 0 for s in result["train_step"].values())
+    assert result["loader_images_per_s"]["num_workers=0"] > 0
+    assert "densekit / effdet (median)" in done.stdout and "loader (num_workers=0, train transform)" in done.stdout
+
+
+def test_train_benchmark_refuses_a_model_without_an_effdet_twin(
+    tmp_path: Path, run_script: Callable[..., subprocess.CompletedProcess]
+) -> None:
+    done = run_script(
+        "train_benchmark.py", "model=efficientdet_lite0", "model.neck.channels=32", "bench.image_size=128",
+        env={"DENSEKIT_DATASETS": str(tmp_path)}, timeout=120,
+    )
+    assert done.returncode == 1
+    assert "bench.compare=true: densekit's efficientdet_lite0 as configured has" in done.stderr
+    assert "not the same model" in done.stderr and "Traceback" not in done.stderr
