@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.ops import nms
 
 from ..checkpoint.io import atomic_write
+from ..modeling.base import DenseModel
 from ..modeling.detector import EfficientDet
 from ..modeling.postprocess import flatten_levels
 from ..modeling.segmenter import Segmenter
@@ -116,18 +117,29 @@ class _DetectionWithNms(nn.Module):
         return torch.stack(out_boxes), torch.stack(out_scores), torch.stack(out_labels), torch.stack(counts)
 
 
+def detection_export_module(model: EfficientDet, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
+    """A detector's module to trace: per-level logits and boxes, or (``postprocess``) fixed-size NMS outputs."""
+    if postprocess:
+        return _DetectionWithNms(model, image_size), list(POSTPROCESS_OUTPUTS)
+    levels = range(model.neck.min_level, model.neck.max_level + 1)
+    return _DetectionNet(model), [f"cls_p{lv}" for lv in levels] + [f"box_p{lv}" for lv in levels]
+
+
+def segmentation_export_module(model: Segmenter, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
+    """A segmenter's module to trace: its logits at the input size."""
+    if postprocess:
+        raise ExportError("postprocess=True is for detectors; a segmenter exports its logits (argmax them at runtime)")
+    return _SegmentationNet(model), ["logits"]
+
+
 def _export_module(model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
-    """The module to trace and its output names."""
-    if isinstance(model, EfficientDet):
-        if postprocess:
-            return _DetectionWithNms(model, image_size), list(POSTPROCESS_OUTPUTS)
-        levels = range(model.neck.min_level, model.neck.max_level + 1)
-        return _DetectionNet(model), [f"cls_p{lv}" for lv in levels] + [f"box_p{lv}" for lv in levels]
-    if isinstance(model, Segmenter):
-        if postprocess:
-            raise ExportError("postprocess=True is for detectors; a segmenter exports its logits (argmax them at runtime)")
-        return _SegmentationNet(model), ["logits"]
-    raise ExportError(f"cannot export {type(model).__name__}: expected a densekit EfficientDet or Segmenter")
+    """The module to trace and its output names, from the model's task."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, DenseModel) or config is None:
+        raise ExportError(f"cannot export {type(model).__name__}: expected a densekit model built from a config")
+    from ..tasks import task_of_model  # late: the tasks import data/ and evaluation/, which exporting never needs
+
+    return task_of_model(config).export_module(model, image_size, postprocess)
 
 
 def _check_size(image_size: tuple[int, int], batch: int) -> tuple[int, int]:

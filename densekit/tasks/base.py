@@ -1,8 +1,9 @@
 """The Task interface: everything the tools and the trainer need to know about one kind of dense prediction.
 
 A task owns its data format (``data.format`` values), dataset and loader building, the class count a dataset
-implies, the check that a model fits a dataset, the evaluation loop, the headline metric, and the model summary. Tools ask the task; :func:`densekit.tasks.get_task` is the one place that maps a config to
-a task. A new task (instance segmentation, say) is one new module here that registers itself in :data:`TASKS`,
+implies, the check that a model fits a dataset, the evaluation loop, the headline metric, the model summary and
+the ONNX export wrapper. Tools ask the task; :func:`densekit.tasks.get_task` is the one place that maps a config
+to a task. A new task (instance segmentation, say) is one new module here that registers itself in :data:`TASKS`,
 plus its configs.
 """
 from __future__ import annotations
@@ -63,6 +64,11 @@ class Task(ABC):
     @abstractmethod
     def summary(self, model: nn.Module, size: tuple[int, int]) -> str:
         """A one-screen description of ``model`` (parts, parameters, MACs, outputs) for an input of ``size``."""
+
+
+    @abstractmethod
+    def export_module(self, model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
+        """The module ONNX export traces for ``model`` at ``image_size`` and the names of its outputs."""
 
 
 #: Tasks by name; each task module registers an instance.

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from ..data.coco import CocoDetection, coco_paths
 from ..data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
 from ..data.transforms import build_eval_transform, build_train_transform
+from ..deploy.onnx import detection_export_module
 from ..evaluation.loop import evaluate_detector
 from ..utils import PAPER, count_macs, count_parameters, format_count
 from .base import TASKS, EvaluateFn, Task
@@ -160,6 +161,10 @@ class DetectionTask(Task):
                 f"P{level:<6}{2 ** level:>6}  {f'{c.shape[-2]}x{c.shape[-1]}':<13}{str(list(c.shape)):<22}{list(b.shape)}"
             )
         return lines
+
+
+    def export_module(self, model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
+        return detection_export_module(model, image_size, postprocess)
 
 
 TASKS.register(DetectionTask.name)(DetectionTask())

@@ -12,6 +12,7 @@ from ..data.cityscapes import NUM_CLASSES as CITYSCAPES_NUM_CLASSES
 from ..data.cityscapes import CityscapesSegmentation
 from ..data.seg_transforms import build_seg_eval_transform, build_seg_train_transform
 from ..data.synthetic_cityscapes import ensure_synthetic_cityscapes
+from ..deploy.onnx import segmentation_export_module
 from ..evaluation.loop import evaluate_segmenter
 from ..utils import count_macs, count_parameters, format_count
 from .base import TASKS, EvaluateFn, Task
@@ -94,6 +95,10 @@ class SegmentationTask(Task):
             f"  input {size[0]}x{size[1]}, logits {list(logits.shape)}",
         ]
         return "\n".join(lines)
+
+
+    def export_module(self, model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
+        return segmentation_export_module(model, image_size, postprocess)
 
 
 TASKS.register(SegmentationTask.name)(SegmentationTask())
