@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             example_input=images if b.compile else None,
         )
     result["notes"] += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    result["densekit_compiled"] = bool(b.compile) and all(t in vars(model) for t in model.compile_targets)
+    result["densekit_compiled"] = bool(b.compile) and all(t in vars(model) for t in model.compile_targets())
     fns["densekit/network"] = lambda: model.forward_raw(images)
     fns["densekit/end_to_end"] = lambda: model(images)
     # A fixed order within each iteration: densekit first, network before end-to-end (also the report's order).
@@ -224,7 +224,7 @@ def _compile_reference(
 
     As on densekit's side, a network followed by eager post-processing (effdet's ``DetBenchPredict``) compiles the
     network once and runs both timed paths through it; an end-to-end module that is one tensor program
-    (torchvision's logits + argmax) is compiled whole, like densekit's segmenter ``_predict``.
+    (torchvision's logits + argmax) is compiled whole, like densekit's segmenter ``predict_labels``.
     """
     try:
         compiled_net = compile_frozen(network)

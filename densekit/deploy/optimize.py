@@ -209,7 +209,7 @@ class FrozenCompiled(nn.Module):
 def _compile(model: nn.Module, example_input: torch.Tensor | None, channels_last: bool, strict: bool) -> nn.Module:
     """``model`` with its network compiled, or ``model`` unchanged (with a warning) if compiling fails."""
     fallback = copy.deepcopy(model)  # compiling is in place; keep an untouched copy to return on failure
-    targets = getattr(model, "compile_targets", ())
+    targets = model.compile_targets() if hasattr(model, "compile_targets") else ()
     try:
         if targets:
             for name in targets:

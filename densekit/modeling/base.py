@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,15 @@ from .backbones import Backbone
 log = logging.getLogger(__name__)
 
 Images = torch.Tensor | Sequence[torch.Tensor]
+F_ = TypeVar("F_", bound=Callable[..., Any])
+
+
+def compile_target(method: F_) -> F_:
+    """Mark a model method as a compile target: a pure tensor function of a stacked batch (input normalisation and
+    padding included), with data-dependent work (NMS, per-image cropping) left outside, which
+    :func:`densekit.optimize_for_inference` may replace with a compiled version."""
+    method.is_compile_target = True  # type: ignore[attr-defined]
+    return method
 
 
 class DenseModel(nn.Module):
@@ -32,10 +41,6 @@ class DenseModel(nn.Module):
         pixel_std: Per-channel standard deviation of inputs in [0, 1].
         config: The resolved model config the model was built from (``model.config``; None for a hand-built model).
     """
-
-    #: The methods :func:`densekit.optimize_for_inference` compiles: pure tensor functions of a stacked batch (input
-    #: normalisation and padding included), with data-dependent work (NMS, per-image cropping) left outside.
-    compile_targets: tuple[str, ...] = ("_network",)
 
     def __init__(
         self,
@@ -56,6 +61,12 @@ class DenseModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), persistent=False)
         self.size_divisor = max(backbone.strides)
         self._warned_sizes: set[tuple[int, int]] = set()
+
+    @classmethod
+    def compile_targets(cls) -> tuple[str, ...]:
+        """Names of the methods marked with :func:`compile_target` (``network``, and for a segmenter
+        ``predict_labels``): the functions :func:`densekit.optimize_for_inference` compiles."""
+        return tuple(name for name in dir(cls) if getattr(getattr(cls, name, None), "is_compile_target", False))
 
     @property
     def num_classes(self) -> int:

@@ -10,7 +10,7 @@ from ..config import EfficientDetConfig
 from ..labels import CROWD_LABEL
 from .anchors import AnchorGenerator
 from .backbones import Backbone, build_backbone
-from .base import DenseModel, Images
+from .base import DenseModel, Images, compile_target
 from .box_coder import BoxCoder
 from .heads.efficientdet import EfficientDetHead
 from .losses import DetectionLoss
@@ -53,14 +53,15 @@ class EfficientDet(DenseModel):
         self.loss = loss
         self.postprocessor = postprocessor
 
-    def _network(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    @compile_target
+    def network(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """A stacked, unnormalised batch -> per-level head outputs: normalise, pad, backbone, BiFPN, head."""
         features = list(self.backbone(self.normalize_and_pad(batch)).values())
         return self.head(self.neck(features))
 
     def forward_raw(self, images: Images) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-level class logits and box regressions (see the class docstring)."""
-        return self._network(self.stack_images(images)[0])
+        return self.network(self.stack_images(images)[0])
 
     def forward(self, images: Images, targets: list[dict[str, torch.Tensor]] | None = None):
         batch, sizes = self.stack_images(images)
@@ -68,7 +69,7 @@ class EfficientDet(DenseModel):
             if targets is None:
                 raise ValueError("in training mode the model needs targets: a list of {'boxes', 'labels'} per image")
             gt_boxes, gt_labels = self._pad_targets(targets, batch.shape[0], batch.device)
-        cls_out, box_out = self._network(batch)
+        cls_out, box_out = self.network(batch)
         box_deltas = flatten_levels(box_out, 4)
         anchors = self.anchor_generator(self.padded_size(batch.shape[-2:]), batch.device)
         if self.training:

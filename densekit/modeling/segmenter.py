@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import SegmenterConfig
 from .backbones import Backbone, build_backbone
-from .base import DenseModel, Images
+from .base import DenseModel, Images, compile_target
 from . import heads, necks  # noqa: F401  (register the segmentation heads and necks)
 from .registry import META_ARCHS, NECKS, SEG_HEADS, MetaArch
 
@@ -118,21 +118,21 @@ class Segmenter(DenseModel):
         logits = self.head(features)
         return F.interpolate(logits, size=batch.shape[-2:], mode="bilinear", align_corners=False)
 
-    # The two compile targets (see DenseModel.compile_targets): logits, and label maps, so that a compiled model
-    # fuses the full-resolution upsampling with the argmax instead of writing the [B, C, H, W] logits out.
-    def _network(self, batch: torch.Tensor) -> torch.Tensor:
+    # The two compile targets (see densekit.modeling.base.compile_target): logits, and label maps, so that a
+    # compiled model fuses the full-resolution upsampling with the argmax instead of writing the [B, C, H, W] logits out.
+    @compile_target
+    def network(self, batch: torch.Tensor) -> torch.Tensor:
         return self._upsampled_logits(batch)
 
-    def _predict(self, batch: torch.Tensor) -> torch.Tensor:
+    @compile_target
+    def predict_labels(self, batch: torch.Tensor) -> torch.Tensor:
         return self._upsampled_logits(batch).argmax(1)
-
-    compile_targets = ("_network", "_predict")
 
     def forward_raw(self, images: Images) -> torch.Tensor:
         """Class logits ``[B, C, H, W]`` at the input resolution (see the class docstring)."""
         batch, sizes = self.stack_images(images)
         h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        return self._network(batch)[..., :h, :w]
+        return self.network(batch)[..., :h, :w]
 
     def forward(
         self, images: Images, targets: list[dict[str, torch.Tensor]] | None = None
@@ -143,9 +143,9 @@ class Segmenter(DenseModel):
             if targets is None:
                 raise ValueError("in training mode the model needs targets: a list of {'sem_seg': LongTensor [H, W]}")
             target = self._stack_targets(targets, sizes, self.padded_size(batch.shape[-2:]), batch.device)
-            return {"loss_seg": self.loss(self._network(batch), target)}
+            return {"loss_seg": self.loss(self.network(batch), target)}
         # argmax is per pixel: one label map for the padded batch, then a view of each image's own region.
-        labels = self._predict(batch)
+        labels = self.predict_labels(batch)
         return [{"sem_seg": labels[i, :h, :w]} for i, (h, w) in enumerate(sizes)]
 
     def _stack_targets(
