@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 __all__ = ["SkippableSampler", "Trainer", "TrainingDiverged"]
 
 
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` (None: full precision); fp16 needs a GPU (loss scaling)."""
+    dtypes = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if amp not in dtypes:
+        raise ValueError(f"train.amp must be one of none, fp16, bf16; got {amp!r}")
+    if dtypes[amp] is torch.float16 and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
+    return dtypes[amp]
+
+
 @runtime_checkable
 class SkippableSampler(Protocol):
     """A sampler that can start its next pass after the first ``count`` indices without yielding them, so that a
@@ -99,11 +109,7 @@ class Trainer:
             raise ValueError(f"train.schedule must be 'cosine' or 'poly', got {cfg.schedule!r}")
         factor = (warmup_cosine if cfg.schedule == "cosine" else warmup_poly)(self.total_steps, warmup, warmup_factor=cfg.warmup_factor)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp, "bad")
-        if self.amp_dtype == "bad":
-            raise ValueError(f"train.amp must be one of none, fp16, bf16; got {cfg.amp!r}")
-        if self.amp_dtype is torch.float16 and device.type != "cuda":
-            raise ValueError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
+        self.amp_dtype = _amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.step = 0
         # What the step leaves for the hooks: its losses, the images it consumed (all ranks), the final metrics.
