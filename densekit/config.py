@@ -79,6 +79,9 @@ class EfficientDetConfig:
     bn_momentum: float = 0.01
     pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # for inputs scaled to [0, 1]
     pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # Name of each predicted label (label i: class_names[i]); set from the dataset by tools/train.py, so the
+    # names travel in the checkpoint's config. None: COCO's names for a 90-class head, else "class <i>".
+    class_names: Optional[list[str]] = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     neck: NeckConfig = field(default_factory=NeckConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -127,6 +130,9 @@ class SegmenterConfig:
     bn_momentum: float = 0.01
     pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # for inputs scaled to [0, 1]
     pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # Name of each predicted label (label i: class_names[i]); set from the dataset by tools/train.py, so the
+    # names travel in the checkpoint's config. None: COCO's names for a 90-class head, else "class <i>".
+    class_names: Optional[list[str]] = None
     backbone: SegBackboneConfig = field(default_factory=SegBackboneConfig)
     neck: Optional[NeckConfig] = field(default_factory=lambda: NeckConfig(max_level=9))  # null: head on the backbone
     head: SegHeadConfig = field(default_factory=SegHeadConfig)

@@ -15,7 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from densekit.checkpoint.convert import load_state_dict_any
-from densekit.checkpoint.io import atomic_write, read_checkpoint, state_dict_from
+from densekit.checkpoint.io import atomic_write
+from densekit.checkpoint.weights import read_model_weights
 from densekit.config import register_configs
 from densekit.deploy.optimize import optimize_for_inference
 from densekit.engine import distributed as dist_utils
@@ -26,19 +27,6 @@ from densekit.utils.files import atomic_save_json
 log = logging.getLogger("densekit.eval")
 
 
-def read_eval_weights(path: str, prefer_ema: bool) -> tuple[dict, str, int | None]:
-    """The state_dict to evaluate from ``path`` (EMA weights of a training checkpoint when present and wanted),
-    a description, and the class count recorded in a densekit training checkpoint (None for other files).
-    The file is read once; a training checkpoint holds both weight sets and its config."""
-    state = read_checkpoint(path)
-    run = state if isinstance(state, dict) else {}  # a bare tensor list / other object: no run record
-    config = run.get("config")
-    recorded = config.get("model", {}).get("num_classes") if isinstance(config, dict) else None
-    if prefer_ema and isinstance(run.get("ema"), dict):
-        return run["ema"]["module"], f"EMA weights of {path}", recorded
-    return state_dict_from(state, path), f"checkpoint {path}", recorded
-
-
 def evaluate(cfg: DictConfig) -> dict:
     _, world_size, device = dist_utils.init_distributed()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -46,15 +34,15 @@ def evaluate(cfg: DictConfig) -> dict:
     dataset = task.build_dataset(cfg, cfg.data.split, train=False)
     model_cfg = cfg.model
     if cfg.weights:
-        state_dict, what, recorded_classes = read_eval_weights(cfg.weights, cfg.eval.ema)
-        if recorded_classes is not None:  # a densekit training run knows its class count
-            model_cfg = OmegaConf.merge(cfg.model, {"num_classes": recorded_classes})
+        weights = read_model_weights(cfg.weights, prefer_ema=cfg.eval.ema)
+        model_cfg = OmegaConf.merge(cfg.model, weights.model_overrides)  # a densekit run knows its classes
     elif not cfg.eval.allow_random_weights:
         raise ValueError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
     model = build_model(model_cfg)  # num_classes: the run's, the config's, or 90 for the public COCO checkpoints
     task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
     if cfg.weights:
-        load_state_dict_any(model, state_dict, what)
+        load_state_dict_any(model, weights.state_dict, weights.source)
+        what = weights.source
     else:
         what = "random weights"
     model.to(device)

@@ -47,7 +47,10 @@ def train(cfg: DictConfig) -> dict:
     task = get_task(cfg)
     train_set = task.build_dataset(cfg, cfg.data.train_split, train=True)
     val_set = task.build_dataset(cfg, cfg.data.split, train=False)
-    model_cfg = OmegaConf.merge(cfg.model, {"num_classes": task.num_classes(train_set)})
+    # The dataset decides the classes; their names travel in the checkpoint with the model config.
+    model_cfg = OmegaConf.merge(
+        cfg.model, {"num_classes": task.num_classes(train_set), "class_names": task.class_names(train_set)}
+    )
     model = build_model(model_cfg)
     if cfg.weights:
         load_weights(model, cfg.weights)

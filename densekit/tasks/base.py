@@ -50,6 +50,10 @@ class Task(ABC):
         """Classes a model trained on ``dataset`` predicts."""
 
     @abstractmethod
+    def class_names(self, dataset: Dataset) -> list[str]:
+        """The name of each label a model trained on ``dataset`` predicts (``num_classes`` of them)."""
+
+    @abstractmethod
     def check_model_fits_data(self, model: nn.Module, dataset: Dataset) -> None:
         """Raise ``ValueError`` before any work when ``model`` cannot be scored on ``dataset``."""
 

@@ -13,10 +13,10 @@ from ..data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..deploy.onnx import detection_export_module
 from ..evaluation.loop import evaluate_detector
+from ..labels import COCO_ID_HEAD
 from ..utils import PAPER, count_macs, count_parameters, format_count
 from .base import TASKS, EvaluateFn, Task
 
-COCO_ID_HEAD = 90  # the public EfficientDet checkpoints predict COCO category ids 1-90 as labels 0-89
 
 
 def input_size(data_cfg: Any, model_cfg: Any) -> int:
@@ -92,6 +92,9 @@ class DetectionTask(Task):
 
     def num_classes(self, dataset: CocoDetection) -> int:
         return int(dataset.num_classes)
+
+    def class_names(self, dataset: CocoDetection) -> list[str]:
+        return list(dataset.class_names)
 
     def check_model_fits_data(self, model: nn.Module, dataset: CocoDetection) -> None:
         label_map_for_model(dataset, model.num_classes)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..data.cityscapes import CITYSCAPES_CLASSES
 from ..data.cityscapes import NUM_CLASSES as CITYSCAPES_NUM_CLASSES
 from ..data.cityscapes import CityscapesSegmentation
 from ..data.seg_transforms import build_seg_eval_transform, build_seg_train_transform
@@ -52,6 +53,9 @@ class SegmentationTask(Task):
 
     def num_classes(self, dataset: CityscapesSegmentation) -> int:
         return int(getattr(dataset, "num_classes", CITYSCAPES_NUM_CLASSES))
+
+    def class_names(self, dataset: CityscapesSegmentation) -> list[str]:
+        return list(getattr(dataset, "class_names", CITYSCAPES_CLASSES))
 
     def check_model_fits_data(self, model: nn.Module, dataset: CityscapesSegmentation) -> None:
         if model.num_classes != self.num_classes(dataset):
