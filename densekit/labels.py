@@ -33,7 +33,12 @@ def class_names_of(model_cfg: Any) -> list[str]:
         if len(recorded) != num:
             raise ValueError(f"model {model_cfg.name}: {len(recorded)} class_names for {num} classes")
         return [str(n) for n in recorded]
-    if num == COCO_ID_HEAD:
+    return default_class_names(num)
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """Label names of a head nothing else is known about: COCO's for 90 classes, else ``"class <i>"``."""
+    if num_classes == COCO_ID_HEAD:
         coco = coco_category_names()
-        return [coco.get(label + 1, f"class {label}") for label in range(num)]
-    return [f"class {label}" for label in range(num)]
+        return [coco.get(label + 1, f"class {label}") for label in range(num_classes)]
+    return [f"class {label}" for label in range(num_classes)]

@@ -53,3 +53,42 @@ def _run_workers(fn, args: tuple, nprocs: int = 2, timeout: float = 60.0) -> Non
 def run_workers():
     """``run_workers(fn, args, nprocs=2, timeout=60)``: see :func:`_run_workers`."""
     return _run_workers
+
+
+def _write_custom_coco(root, num_train: int = 16, num_val: int = 6):
+    """A user's own COCO-format dataset: 3 categories with ids 17, 5, 9 (listed in that order), images in
+    sub-folders of one image root, train and val json files side by side. Built from the synthetic shapes
+    (circle -> 17 "sphere", square -> 5 "box", triangle -> 9 "wedge"; the other shapes stay unannotated)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from densekit.data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
+
+    root = Path(root)
+    source = ensure_synthetic_coco(root / "_source", num_train=num_train, num_val=num_val)
+    new_ids = {3: 17, 7: 5, 12: 9}
+    categories = [{"id": 17, "name": "sphere"}, {"id": 5, "name": "box"}, {"id": 9, "name": "wedge"}]
+    paths = {}
+    for split in ("train", "val"):
+        image_dir, ann_file = synthetic_coco_paths(source, split)
+        data = json.loads(ann_file.read_text())
+        for i, image in enumerate(data["images"]):
+            name = f"{split}/{'day' if i % 2 else 'night'}/{image['file_name']}"  # file_name with sub-folders
+            (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image_dir / image["file_name"], root / "images" / name)
+            image["file_name"] = name
+        data["annotations"] = [
+            {**a, "category_id": new_ids[a["category_id"]]} for a in data["annotations"] if a["category_id"] in new_ids
+        ]
+        data["categories"] = categories
+        paths[split] = root / f"{split}.json"
+        paths[split].write_text(json.dumps(data))
+    shutil.rmtree(root / "_source")
+    return {"images": root / "images", "train": paths["train"], "val": paths["val"]}
+
+
+@pytest.fixture(scope="session")
+def custom_coco(tmp_path_factory):
+    """``{"images", "train", "val"}`` paths of a small custom COCO-format dataset (see :func:`_write_custom_coco`)."""
+    return _write_custom_coco(tmp_path_factory.mktemp("custom_coco"))

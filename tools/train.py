@@ -15,8 +15,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from densekit.checkpoint.convert import load_weights
+from densekit.checkpoint.finetune import load_for_finetuning
 from densekit.checkpoint.io import read_state_dict
+from densekit.checkpoint.weights import read_model_weights
 from densekit.config import register_configs
 from densekit.engine import distributed as dist_utils
 from densekit.engine.trainer import TrainConfig, Trainer
@@ -52,8 +53,8 @@ def train(cfg: DictConfig) -> dict:
         cfg.model, {"num_classes": task.num_classes(train_set), "class_names": task.class_names(train_set)}
     )
     model = build_model(model_cfg)
-    if cfg.weights:
-        load_weights(model, cfg.weights)
+    if cfg.weights:  # fine-tuning: another class count re-initialises only the class predictor
+        load_for_finetuning(model, read_model_weights(cfg.weights))
         init = str(cfg.weights)
     elif not cfg.model.backbone.weights and not cfg.model.backbone.pretrained:
         init = init_backbone(model, train_cfg.backbone_weights, cfg.model.backbone.name)

@@ -96,21 +96,31 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     load_state_dict_any(model, read_state_dict(path), f"checkpoint {os.fspath(path)}")
 
 
+def to_model_layout(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
+) -> tuple[dict[str, torch.Tensor], str] | None:
+    """``state_dict`` renamed to ``model``'s keys and a description of its layout for messages, or ``None`` when it
+    holds no detector / segmenter keys at all (backbone-only weights, for ``model.backbone.load_weights``)."""
+    if is_effdet_layout(state_dict):
+        return convert_effdet(state_dict, len(model.backbone.feature_specs)), f"{source} (efficientdet-pytorch layout)"
+    if is_torchvision_lraspp_layout(state_dict):
+        return convert_torchvision_lraspp(state_dict), f"{source} (torchvision LR-ASPP layout)"
+    if any(k.startswith(("backbone.", "neck.", "head.")) for k in state_dict):
+        return state_dict, source
+    return None
+
+
 def load_state_dict_any(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load an in-memory state_dict of any recognised layout (see :func:`load_weights`)."""
-    if is_effdet_layout(state_dict):
-        state_dict = convert_effdet(state_dict, len(model.backbone.feature_specs))
-        load_state_dict_checked(model, state_dict, f"{source} (efficientdet-pytorch layout)")
-    elif is_torchvision_lraspp_layout(state_dict):
-        load_state_dict_checked(model, convert_torchvision_lraspp(state_dict), f"{source} (torchvision LR-ASPP layout)")
-    elif any(k.startswith(("backbone.", "neck.", "head.")) for k in state_dict):
-        load_state_dict_checked(model, state_dict, source)
-    else:
-        # No detector keys at all: treat it as backbone weights (timm / efficientnet_pytorch / torchvision).
-        try:
-            model.backbone.load_weights(state_dict, source=source)
-        except CheckpointError as err:
-            raise CheckpointError(
-                f"{err}\n  ({source} is neither a densekit nor an efficientdet-pytorch detector checkpoint, "
-                "and does not fit the backbone either)"
-            ) from None
+    converted = to_model_layout(model, state_dict, source)
+    if converted is not None:
+        load_state_dict_checked(model, *converted)
+        return
+    # No detector keys at all: treat it as backbone weights (timm / efficientnet_pytorch / torchvision).
+    try:
+        model.backbone.load_weights(state_dict, source=source)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err}\n  ({source} is neither a densekit nor an efficientdet-pytorch detector checkpoint, "
+            "and does not fit the backbone either)"
+        ) from None

@@ -58,7 +58,8 @@ def detections_to_coco(
         outputs: Per image ``{"boxes": [K, 4] xyxy in model-input pixels, "scores": [K], "labels": [K] int64}``.
         targets: Per image, at least ``image_id``, ``scale`` (model-input pixels per original pixel) and
             ``orig_size`` ``(H, W)`` of the original image.
-        label_to_cat_id: Contiguous label -> original COCO category id.
+        label_to_cat_id: Contiguous label -> original COCO category id; a negative id marks a label the dataset
+            has no category for, whose detections are dropped.
         score_threshold: Detections scoring below this are dropped (EfficientDet evaluates with 0.001).
 
     Returns:
@@ -82,6 +83,8 @@ def detections_to_coco(
         boxes = output["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)[keep]
         if labels.numel() and (labels.min() < 0 or labels.max() >= len(lut)):
             raise ValueError(f"labels must lie in [0, {len(lut)}), got {labels.min().item()}..{labels.max().item()}")
+        in_dataset = lut[labels] >= 0  # a negative category id: a class the dataset does not have
+        scores, labels, boxes = scores[in_dataset], labels[in_dataset], boxes[in_dataset]
         height, width = (_as_float(v) for v in target["orig_size"])
         boxes = boxes / _as_float(target["scale"])
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, width)
@@ -215,6 +218,8 @@ class CocoEvaluator:
         max_det = params.maxDets.index(100)
         per_class: dict[str, float] = {}
         for name, cat_id in zip(self.class_names, self.label_to_cat_id):
+            if cat_id < 0:  # a model label the dataset has no category for
+                continue
             if cat_id not in params.catIds:
                 per_class[name] = -1.0
                 continue

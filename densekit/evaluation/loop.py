@@ -2,8 +2,9 @@
 metrics or a test-dev submission) and segmentation (Cityscapes mIoU, labelId PNGs), with pictures."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,14 +71,18 @@ def evaluate_detector(
     COCO table.
     """
     output_dir = Path(output_dir)
-    class_names = [dataset.coco.cats[c]["name"] if c in dataset.coco.cats else str(c) for c in label_map]
+    class_names = [
+        dataset.coco.cats[c]["name"] if c in dataset.coco.cats else f"label {i} (not in the dataset)"
+        for i, c in enumerate(label_map)
+    ]
     evaluator = CocoEvaluator(dataset.coco, label_map, class_names, score_threshold=score_threshold)
     has_annotations = len(dataset.coco.getAnnIds()) > 0
-    if has_annotations:
-        metrics = run_inference(model, loader, evaluator, device, desc=f"eval {split}")
-    else:
-        run_inference(model, loader, _Collect(evaluator), device, desc=f"predict {split}")
-        metrics = {}
+    with restrict_labels(model, [c in dataset.coco.cats for c in label_map]):
+        if has_annotations:
+            metrics = run_inference(model, loader, evaluator, device, desc=f"eval {split}")
+        else:
+            run_inference(model, loader, _Collect(evaluator), device, desc=f"predict {split}")
+            metrics = {}
     if dist_utils.is_main_process():
         results = evaluator.results()
         write_results_json(results, output_dir / f"detections_{split}.json")
@@ -88,8 +93,28 @@ def evaluate_detector(
             json_path, zip_path = write_test_dev_submission(results, output_dir, model_name.replace("_", "-"))
             print(f"{len(results)} detections on {len(evaluator.image_ids)} images -> {zip_path} (upload this)")
         if visualize:
-            save_visualizations(model, dataset, visualize, output_dir / "vis", device, class_names)
+            with restrict_labels(model, [c in dataset.coco.cats for c in label_map]):
+                save_visualizations(model, dataset, visualize, output_dir / "vis", device, class_names)
     return metrics
+
+
+@contextlib.contextmanager
+def restrict_labels(model: nn.Module, allowed: list[bool]) -> Iterator[None]:
+    """Within the block, ``model`` detects only the labels marked ``allowed`` (all of them: no change).
+
+    The masked labels are removed before each image's best ``max_detections`` are kept, so they take no place
+    there (a 90-class COCO head scored on COCO's 80 categories keeps 100 detections of those 80).
+    """
+    postprocessor = getattr(model, "postprocessor", None)
+    if all(allowed) or postprocessor is None:
+        yield
+        return
+    previous = postprocessor.label_mask
+    postprocessor.label_mask = torch.tensor(allowed, dtype=torch.bool)
+    try:
+        yield
+    finally:
+        postprocessor.label_mask = previous
 
 
 class _Collect:

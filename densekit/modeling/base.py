@@ -72,6 +72,11 @@ class DenseModel(nn.Module):
     def num_classes(self) -> int:
         return self.head.num_classes
 
+    def class_predictor(self) -> dict[str, int]:
+        """``state_dict`` keys of the parameters whose rows are classes, each with its rows per class: the tensors
+        fine-tuning to another class count re-initialises (:func:`densekit.checkpoint.finetune.load_for_finetuning`)."""
+        return {f"head.{key}": rows for key, rows in self.head.class_predictor().items()}
+
     def stack_images(self, images: Images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Check ``images`` and stack a list into one zero-padded batch; returns it with each image's ``(H, W)``.
 

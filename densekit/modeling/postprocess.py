@@ -98,6 +98,10 @@ class DetectionPostprocessor:
         self.score_threshold = score_threshold
         self.soft_nms = soft_nms
         self.soft_nms_sigma = soft_nms_sigma
+        #: Optional bool ``[C]``: classes allowed to be detected (``None``: all). Evaluation sets it when the head
+        #: predicts classes the dataset does not have (a 90-class COCO head on COCO's 80), so that those never take
+        #: a place among the ``max_detections`` kept; see :func:`densekit.evaluation.loop.restrict_labels`.
+        self.label_mask: torch.Tensor | None = None
 
     def __call__(
         self,
@@ -159,6 +163,8 @@ class DetectionPostprocessor:
             ``boxes [B, k, 4]`` (float32, xyxy), ``scores [B, k]`` (sigmoid, decreasing) and ``classes [B, k]``.
         """
         num_classes = _num_classes(cls_logits)
+        if self.label_mask is not None:
+            cls_logits = self._mask_labels(cls_logits, num_classes)
         k = min(self.pre_nms_top_k, box_deltas.shape[1] * num_classes)
         top_logits, top_idx = topk_pairs(cls_logits, k, traceable=traceable)
         anchor_idx = top_idx // num_classes
@@ -167,6 +173,13 @@ class DetectionPostprocessor:
         boxes = self.box_coder.decode(deltas, anchors[anchor_idx])
         boxes = torch.minimum(boxes.clamp(min=0), limits.to(boxes.dtype))
         return boxes, top_logits.float().sigmoid(), classes
+
+    def _mask_labels(self, cls_logits: torch.Tensor | Sequence[torch.Tensor], num_classes: int) -> list[torch.Tensor]:
+        if self.label_mask.numel() != num_classes:
+            raise ValueError(f"label_mask has {self.label_mask.numel()} entries for {num_classes} classes")
+        levels = [cls_logits] if isinstance(cls_logits, torch.Tensor) else list(cls_logits)
+        blocked = ~self.label_mask.to(levels[0].device)
+        return [lvl.masked_fill(blocked, float("-inf")) for lvl in levels]  # sigmoid(-inf) = 0: never selected
 
     def _hard_nms(self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, num_classes: int):
         """Class-wise NMS of every image's candidates, which come sorted by decreasing score (top-k order).

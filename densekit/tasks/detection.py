@@ -19,6 +19,10 @@ from .base import TASKS, EvaluateFn, Task
 
 
 
+#: Category id of a model label that the evaluated dataset does not have (see :func:`label_map_for_model`).
+NOT_IN_DATASET = -1
+
+
 def input_size(data_cfg: Any, model_cfg: Any) -> int:
     """Square training / evaluation resolution: ``data.image_size`` or else the model's."""
     if data_cfg.get("image_size"):
@@ -34,17 +38,32 @@ def fill_of(pixel_mean: Any) -> dict[str, tuple[int, ...]]:
     return {} if pixel_mean is None else {"fill": tuple(round(255 * m) for m in pixel_mean)}
 
 
+def coco_split_files(data_cfg: Any, split: str) -> tuple[Path, Path]:
+    """Image folder and annotation json of ``split``: given by path (``data.<split>_images`` /
+    ``data.<split>_annotations``, as in ``conf/data/custom.yaml``), the synthetic dataset, or COCO's official layout
+    under ``data.root``."""
+    if f"{split}_annotations" in data_cfg or f"{split}_images" in data_cfg:
+        images, annotations = data_cfg.get(f"{split}_images"), data_cfg.get(f"{split}_annotations")
+        if not images or not annotations:
+            raise ValueError(
+                f"data={data_cfg.name}: split {split!r} needs data.{split}_images (the image folder) and "
+                f"data.{split}_annotations (its COCO json), e.g. data.{split}_images=/data/images "
+                f"data.{split}_annotations=/data/{split}.json"
+            )
+        return Path(images).expanduser(), Path(annotations).expanduser()
+    root = Path(data_cfg.root)
+    if data_cfg.get("generate", False):
+        ensure_synthetic_coco(root, num_train=data_cfg.get("num_train", 400), num_val=data_cfg.get("num_val", 50))
+        return synthetic_coco_paths(root, split)
+    return coco_paths(root, split)
+
+
 def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, pixel_mean: Any = None) -> CocoDetection:
     """A COCO-format dataset for ``split`` with the train or eval transform at ``image_size``.
 
     The synthetic dataset is generated under ``data.root`` on first use when ``data.generate`` is set.
     """
-    root = Path(data_cfg.root)
-    if data_cfg.get("generate", False):
-        ensure_synthetic_coco(root, num_train=data_cfg.get("num_train", 400), num_val=data_cfg.get("num_val", 50))
-        image_dir, ann_file = synthetic_coco_paths(root, split)
-    else:
-        image_dir, ann_file = coco_paths(root, split)
+    image_dir, ann_file = coco_split_files(data_cfg, split)
     aug = data_cfg.augment
     transform = (
         build_train_transform(
@@ -57,18 +76,22 @@ def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, 
 
 
 def label_map_for_model(dataset: CocoDetection, num_classes: int) -> list[int]:
-    """Model label -> dataset category id.
+    """Model label -> dataset category id, :data:`NOT_IN_DATASET` for labels the dataset has no category for.
 
     A head trained on this dataset has one output per category (contiguous labels). A 90-class head (the public
-    COCO checkpoints) predicts category ``id`` as label ``id - 1``. Anything else cannot be scored on this dataset.
+    COCO checkpoints) predicts category ``id`` as label ``id - 1``; on COCO 2017 (80 of those ids) the other ten
+    labels are not in the dataset, and evaluation drops them before keeping each image's best detections.
+    Anything else cannot be scored on this dataset.
     """
     if num_classes == dataset.num_classes:
         return list(dataset.label_to_cat_id)
-    if num_classes == COCO_ID_HEAD and max(dataset.label_to_cat_id) <= COCO_ID_HEAD:
-        return list(range(1, COCO_ID_HEAD + 1))
+    if num_classes == COCO_ID_HEAD and max(dataset.label_to_cat_id, default=0) <= COCO_ID_HEAD:
+        known = set(dataset.label_to_cat_id)
+        return [cat if cat in known else NOT_IN_DATASET for cat in range(1, COCO_ID_HEAD + 1)]
     raise ValueError(
         f"the model has {num_classes} classes but {dataset.ann_file} has {dataset.num_classes} categories "
-        f"(ids {dataset.label_to_cat_id[:10]}...); train with model.num_classes={dataset.num_classes}"
+        f"(ids {dataset.label_to_cat_id[:10]}...); train with model.num_classes={dataset.num_classes}, or fine-tune "
+        f"from the checkpoint: weights=<it> loads everything but the class predictor"
     )
 
 

@@ -96,5 +96,11 @@ class EfficientDetHead(nn.Module):
         self.class_net = SharedConvTower(num_outputs=num_anchors * num_classes, prior_prob=prior_prob, **common)
         self.box_net = SharedConvTower(num_outputs=num_anchors * 4, **common)
 
+    def class_predictor(self) -> dict[str, int]:
+        """The parameters whose rows are classes (the class net's last conv), each with its rows per class:
+        channel ``a*C + c`` is anchor ``a``, class ``c`` (``num_anchors`` rows per class). See fine-tuning in
+        :mod:`densekit.checkpoint.finetune`."""
+        return {f"class_net.predict.conv_pw.{name}": self.num_anchors for name in ("weight", "bias")}
+
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self.class_net(features), self.box_net(features)

@@ -56,6 +56,10 @@ class ESegHead(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
+    def class_predictor(self) -> dict[str, int]:
+        """The parameters whose rows are classes (one row each), for fine-tuning to another class count."""
+        return {"classifier.weight": 1, "classifier.bias": 1}
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Class logits at the finest level's resolution from the pyramid ``features`` (finest first)."""
         if len(features) != self.fusion_weight.numel():

@@ -56,6 +56,10 @@ class LRASPPHead(nn.Module):
         self.low_classifier = nn.Conv2d(low_channels, num_classes, 1)
         self.high_classifier = nn.Conv2d(inter_channels, num_classes, 1)
 
+    def class_predictor(self) -> dict[str, int]:
+        """The parameters whose rows are classes (one row each), for fine-tuning to another class count."""
+        return {f"{conv}.{name}": 1 for conv in ("low_classifier", "high_classifier") for name in ("weight", "bias")}
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Class logits at the stride of ``features[0]`` from ``[stride-8, ..., stride-16]`` features."""
         low, high = features[0], features[-1]
