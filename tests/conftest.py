@@ -92,3 +92,38 @@ def _write_custom_coco(root, num_train: int = 16, num_val: int = 6):
 def custom_coco(tmp_path_factory):
     """``{"images", "train", "val"}`` paths of a small custom COCO-format dataset (see :func:`_write_custom_coco`)."""
     return _write_custom_coco(tmp_path_factory.mktemp("custom_coco"))
+
+
+def _write_custom_seg(root, num_train: int = 6, num_val: int = 3, size: tuple[int, int] = (64, 96)):
+    """A user's own segmentation data in the mmseg / ADE20K custom layout: ``images/<split>/<sub>/<n>.jpg`` with
+    ``labels/<split>/<sub>/<n>.png`` (single channel; 0 ground, 1 block, 2 disc, 255 unlabelled border) and a
+    ``classes.txt``. The image colours follow the classes, so a model can learn them."""
+    from pathlib import Path
+
+    import cv2
+    import numpy as np
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    colours = np.array([[90, 140, 60], [200, 60, 50], [40, 80, 220]], np.uint8)
+    for split, count in (("train", num_train), ("val", num_val)):
+        for i in range(count):
+            label = np.zeros(size, np.uint8)
+            y, x = rng.integers(4, size[0] // 2), rng.integers(4, size[1] // 2)
+            label[y : y + size[0] // 3, x : x + size[1] // 3] = 1
+            cv2.circle(label, (int(rng.integers(20, size[1] - 20)), int(rng.integers(20, size[0] - 20))), 12, 2, -1)
+            image = colours[label] + rng.integers(0, 30, (*size, 3)).astype(np.uint8)
+            label[:2] = 255  # an unlabelled strip
+            sub = "a" if i % 2 else "b"
+            for folder, data, ext in (("images", image[..., ::-1], ".jpg"), ("labels", label, ".png")):
+                path = root / folder / split / sub / f"{i:03d}{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(path), data)
+    (root / "classes.txt").write_text("ground\nblock\ndisc\n")
+    return {"root": root, "classes": root / "classes.txt"}
+
+
+@pytest.fixture(scope="session")
+def custom_seg(tmp_path_factory):
+    """Paths of a small custom segmentation dataset (see :func:`_write_custom_seg`)."""
+    return _write_custom_seg(tmp_path_factory.mktemp("custom_seg"))

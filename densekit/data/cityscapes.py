@@ -98,6 +98,7 @@ def read_label(path: str | Path) -> np.ndarray:
 
 
 class CityscapesSegmentation(Dataset):
+
     """Cityscapes images with their gtFine trainId labels.
 
     Layout: ``root/leftImg8bit/{split}/<city>/<name>_leftImg8bit.png`` and
@@ -118,6 +119,12 @@ class CityscapesSegmentation(Dataset):
         FileNotFoundError: Missing root, split folder, images, or a gtFine label of some image.
         ValueError: Unknown split.
     """
+
+    #: The 19 evaluated classes, by trainId.
+    class_names: tuple[str, ...] = CITYSCAPES_CLASSES
+    num_classes: int = NUM_CLASSES
+    #: trainId -> labelId: how predictions are written (the format of cityscapesscripts and the benchmark server).
+    label_ids: np.ndarray = np.array([lb.id for lb in TRAIN_LABELS], dtype=np.uint8)
 
     def __init__(
         self, root: str | Path | None = None, split: str = "train", transform: Transform | None = None

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.io import atomic_write
 from ..data.cityscapes import CITYSCAPES_CLASSES, NUM_CLASSES, TRAIN_LABELS
+from ..data.seg_transforms import IGNORE_INDEX
 from .cityscapes_instances import instance_stats, instance_tables, read_instances
 from .table import per_class_columns
 
@@ -53,7 +54,13 @@ def train_id_to_label_id() -> np.ndarray:
 
 
 def _color_lut() -> np.ndarray:
-    lut = np.zeros((256, 3), dtype=np.uint8)  # ignore and unknown ids: black, like 'unlabeled'
+    """Cityscapes' official colours for trainIds 0-18; well-separated hues for the classes of other datasets
+    (19-254); ignore (255) black, like 'unlabeled'."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    hues = (np.arange(256) * 47) % 180
+    hsv = np.stack([hues, np.full(256, 200), np.where(np.arange(256) % 2, 255, 170)], 1).astype(np.uint8)
+    lut[:] = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
+    lut[IGNORE_INDEX] = 0
     for lb in TRAIN_LABELS:
         lut[lb.trainId] = lb.color
     return lut
@@ -95,18 +102,21 @@ def write_predictions(
     outputs: Sequence[Mapping[str, torch.Tensor]],
     targets: Sequence[Mapping[str, Any]],
     out_dir: str | os.PathLike[str],
+    label_ids: np.ndarray | None = None,
 ) -> list[Path]:
-    """Writes predictions as the labelId PNGs that cityscapesscripts' evaluation (and the benchmark server) read.
+    """Writes predictions as label PNGs in the dataset's own encoding: by default the labelId PNGs that
+    cityscapesscripts' evaluation (and the benchmark server) read.
 
-    Each prediction is upsampled (nearest) to its image's original size, mapped trainId -> labelId with
-    cityscapesscripts' table, and written atomically as ``out_dir/<image file name>`` (e.g.
-    ``frankfurt_000000_000294_leftImg8bit.png``), which ``evalPixelLevelSemanticLabeling`` matches to its ground
-    truth by the ``<city>_<sequence>_<frame>`` prefix.
+    Each prediction is upsampled (nearest) to its image's original size, mapped class -> stored value (Cityscapes:
+    trainId -> labelId with cityscapesscripts' table), and written atomically as ``out_dir/<target["name"]>``, by
+    default the image's file name (e.g. ``frankfurt_000000_000294_leftImg8bit.png``), which
+    ``evalPixelLevelSemanticLabeling`` matches to its ground truth by the ``<city>_<sequence>_<frame>`` prefix.
 
     Args:
-        outputs: Per image ``{"sem_seg": int [h, w] trainIds}`` (model-input resolution is fine).
-        targets: Per image, ``file`` (the image path) and ``orig_size`` ``(H, W)``.
+        outputs: Per image ``{"sem_seg": int [h, w] class indices}`` (model-input resolution is fine).
+        targets: Per image, ``file`` (the image path), ``orig_size`` ``(H, W)`` and optionally ``name``.
         out_dir: Destination folder; created if missing.
+        label_ids: Class index -> value written (a dataset's ``label_ids``); None: Cityscapes' trainId -> labelId.
 
     Returns:
         The written paths.
@@ -119,19 +129,20 @@ def write_predictions(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    lut = _TRAIN_TO_LABEL[:NUM_CLASSES] if label_ids is None else np.asarray(label_ids, dtype=np.uint8)
     for output, target in zip(outputs, targets):
         pred = output["sem_seg"].detach().cpu()
-        if pred.numel() and (pred.min() < 0 or pred.max() >= NUM_CLASSES):
+        if pred.numel() and (pred.min() < 0 or pred.max() >= len(lut)):
             raise ValueError(
                 f"prediction for {target['file']} has values {pred.min().item()}..{pred.max().item()}; "
-                f"expected trainIds 0-{NUM_CLASSES - 1}"
+                f"expected classes 0-{len(lut) - 1}"
             )
         size = tuple(int(v) for v in target["orig_size"])
-        label_ids = _TRAIN_TO_LABEL[_resize_nearest(pred, size).numpy().astype(np.intp)]
-        ok, encoded = cv2.imencode(".png", label_ids)
+        stored = lut[_resize_nearest(pred, size).numpy().astype(np.intp)]
+        ok, encoded = cv2.imencode(".png", stored)
         if not ok:  # pragma: no cover
             raise OSError(f"could not encode the prediction for {target['file']}")
-        path = out_dir / Path(str(target["file"])).name
+        path = out_dir / str(target.get("name") or Path(str(target["file"])).name)
         with atomic_write(path) as f:
             f.write(encoded.tobytes())
         paths.append(path)

@@ -175,13 +175,14 @@ def evaluate_segmenter(
     write_pngs: bool = False,
     visualize: int = 0,
 ) -> dict[str, Any]:
-    """Cityscapes evaluation (collective under torch.distributed): mIoU over the 19 classes and per-class IoU.
+    """Segmentation evaluation (collective under torch.distributed): mIoU over the dataset's classes and per-class
+    IoU (and for Cityscapes its category and instance-level scores).
 
-    For a split without labels (test) only labelId PNGs are written (``<output_dir>/pred_<split>/``, the format of
+    For a split without labels (test) only label PNGs (in the dataset's own encoding) are written (``<output_dir>/pred_<split>/``, the format of
     cityscapesscripts' evaluation and the benchmark server); with ``write_pngs`` they are written for any split.
     """
     output_dir = Path(output_dir)
-    evaluator = CityscapesEvaluator(model.num_classes, model.ignore_index)
+    evaluator = CityscapesEvaluator(model.num_classes, model.ignore_index, class_names=dataset.class_names)
     pred_dir = output_dir / f"pred_{split}"
     was_training = model.training
     model.eval()
@@ -191,7 +192,7 @@ def evaluate_segmenter(
         if dataset.has_labels:
             evaluator.update(outputs, targets)
         if write_pngs or not dataset.has_labels:
-            write_predictions(outputs, targets, pred_dir)
+            write_predictions(outputs, targets, pred_dir, label_ids=dataset.label_ids)
     model.train(was_training)
     metrics: dict[str, Any] = {}
     if dataset.has_labels:
@@ -201,7 +202,7 @@ def evaluate_segmenter(
         if metrics:
             print(format_cityscapes_table(metrics))
         if write_pngs or not dataset.has_labels:
-            print(f"labelId predictions in {pred_dir}")
+            print(f"predicted label PNGs in {pred_dir}")
         if visualize:
             save_segmentation_pictures(model, dataset, visualize, output_dir / "vis", device)
     return metrics

@@ -1,4 +1,5 @@
-"""Semantic segmentation: Cityscapes-layout data, ESeg / LR-ASPP segmenters, mIoU equal to cityscapesscripts'."""
+"""Semantic segmentation: Cityscapes-layout data or one's own image + label PNG folders, ESeg / LR-ASPP segmenters,
+mIoU equal to cityscapesscripts'."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.cityscapes import CITYSCAPES_CLASSES
-from ..data.cityscapes import NUM_CLASSES as CITYSCAPES_NUM_CLASSES
 from ..data.cityscapes import CityscapesSegmentation
+from ..data.seg_folder import SegmentationFolder, read_class_names
 from ..data.seg_transforms import build_seg_eval_transform, build_seg_train_transform
 from ..data.synthetic_cityscapes import ensure_synthetic_cityscapes
 from ..deploy.onnx import segmentation_export_module
@@ -29,16 +29,43 @@ def build_cityscapes_dataset(data_cfg: Any, split: str, train: bool, pixel_mean:
         ensure_synthetic_cityscapes(
             data_cfg.root, num_train=data_cfg.num_train, num_val=data_cfg.num_val, size=tuple(data_cfg.synthetic_size)
         )
+    return CityscapesSegmentation(data_cfg.root, split, transform=_seg_transform(data_cfg, train, pixel_mean))
+
+
+def build_seg_folder_dataset(data_cfg: Any, split: str, train: bool, pixel_mean: Any = None) -> SegmentationFolder:
+    """One's own images + label PNGs + class list (``conf/data/custom_seg.yaml``), with the same transforms."""
+    if not data_cfg.get("classes"):
+        raise ValueError(f"data={data_cfg.name}: set data.classes to a list of class names or a text file (one per line)")
+    images = data_cfg.get(f"{split}_images")
+    if not images:
+        raise ValueError(
+            f"data={data_cfg.name}: split {split!r} needs data.{split}_images (the image folder) and "
+            f"data.{split}_labels (its label PNGs; null for a split without labels)"
+        )
+    labels = data_cfg.get(f"{split}_labels")
+    if labels is None and train:
+        raise ValueError(f"data={data_cfg.name}: training needs data.{split}_labels (the folder of label PNGs)")
+    return SegmentationFolder(
+        images, labels, read_class_names(data_cfg.classes), ignore_index=int(data_cfg.ignore_index),
+        reduce_zero_label=bool(data_cfg.reduce_zero_label), image_suffix=data_cfg.get("image_suffix"),
+        label_suffix=data_cfg.label_suffix, transform=_seg_transform(data_cfg, train, pixel_mean),
+    )
+
+
+def _seg_transform(data_cfg: Any, train: bool, pixel_mean: Any) -> Any:
+    """Random scale / crop / flip in training; the full image (or ``data.eval_size``) in evaluation."""
     if train:
         aug = data_cfg.augment
-        transform = build_seg_train_transform(
+        return build_seg_train_transform(
             crop_size=tuple(data_cfg.crop_size), scale_range=tuple(aug.scale_range), hflip=aug.hflip,
             color_jitter=aug.color_jitter, **fill_of(pixel_mean),
         )
-    else:
-        size = data_cfg.get("eval_size")
-        transform = build_seg_eval_transform(tuple(size) if size else None)
-    return CityscapesSegmentation(data_cfg.root, split, transform=transform)
+    size = data_cfg.get("eval_size")
+    return build_seg_eval_transform(tuple(size) if size else None)
+
+
+#: Dataset builder of each ``data.format`` this task reads.
+DATASET_BUILDERS = {"cityscapes": build_cityscapes_dataset, "seg_folder": build_seg_folder_dataset}
 
 
 class SegmentationTask(Task):
@@ -46,16 +73,16 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     arch = "segmenter"
-    data_formats = ("cityscapes",)
+    data_formats = tuple(DATASET_BUILDERS)
 
-    def build_dataset(self, cfg: Any, split: str, train: bool) -> CityscapesSegmentation:
-        return build_cityscapes_dataset(cfg.data, split, train=train, pixel_mean=cfg.model.pixel_mean)
+    def build_dataset(self, cfg: Any, split: str, train: bool) -> CityscapesSegmentation | SegmentationFolder:
+        return DATASET_BUILDERS[cfg.data.format](cfg.data, split, train=train, pixel_mean=cfg.model.pixel_mean)
 
-    def num_classes(self, dataset: CityscapesSegmentation) -> int:
-        return int(getattr(dataset, "num_classes", CITYSCAPES_NUM_CLASSES))
+    def num_classes(self, dataset: CityscapesSegmentation | SegmentationFolder) -> int:
+        return int(dataset.num_classes)
 
     def class_names(self, dataset: CityscapesSegmentation) -> list[str]:
-        return list(getattr(dataset, "class_names", CITYSCAPES_CLASSES))
+        return list(dataset.class_names)
 
     def check_model_fits_data(self, model: nn.Module, dataset: CityscapesSegmentation) -> None:
         if model.num_classes != self.num_classes(dataset):

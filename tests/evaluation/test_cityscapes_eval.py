@@ -204,7 +204,7 @@ def test_write_predictions_labelids_full_resolution(tmp_path: Path) -> None:
     expected = np.array([[7, 26], [23, 33]])  # road, car, sky, bicycle labelIds
     np.testing.assert_array_equal(written, np.repeat(np.repeat(expected, 2, 0), 3, 1))
     assert [p.name for p in (tmp_path / "out").iterdir()] == [path.name]  # no temp files left
-    with pytest.raises(ValueError, match="trainIds 0-18"):
+    with pytest.raises(ValueError, match="classes 0-18"):
         write_predictions([{"sem_seg": pred + 255}], [target], tmp_path / "out")
 
 

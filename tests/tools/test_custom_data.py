@@ -77,3 +77,41 @@ def test_a_split_without_paths_is_named_with_the_keys_to_set(custom_coco, tmp_pa
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "data.val_images" in done.stderr and "data.val_annotations" in done.stderr
+
+
+def custom_seg_data(paths: dict) -> list[str]:
+    root = paths["root"]
+    return ["data=custom_seg", f"data.classes={paths['classes']}", "data.crop_size=[64,96]",
+            f"data.train_images={root / 'images' / 'train'}", f"data.train_labels={root / 'labels' / 'train'}",
+            f"data.val_images={root / 'images' / 'val'}", f"data.val_labels={root / 'labels' / 'val'}"]
+
+
+def test_custom_segmentation_trains_and_its_miou_equals_a_confusion_matrix_of_the_written_pngs(custom_seg, tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    run, out = tmp_path / "run", tmp_path / "eval"
+    common = ["model=lraspp_mobilenet_v3_small", *custom_seg_data(custom_seg)]
+    run_tool("train.py", *common, "train=seg_synthetic", "train.max_steps=3", "train.batch_size=3",
+             "train.num_workers=0", "train.eval_every_epochs=0", f"hydra.run.dir={run}", tmp=tmp_path)
+    state = torch.load(run / "checkpoints" / "last.pth", weights_only=True)
+    assert state["config"]["model"]["class_names"] == ["ground", "block", "disc"]
+    run_tool("eval.py", *common, f"weights={run / 'checkpoints' / 'last.pth'}", "data.write_predictions=true",
+             "eval.visualize=1", "eval.num_workers=0", f"hydra.run.dir={out}", tmp=tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_class_iou"]) == {"ground", "block", "disc"}
+
+    conf = np.zeros((3, 3), np.int64)
+    labels = sorted((custom_seg["root"] / "labels" / "val").rglob("*.png"))
+    for label_file in labels:
+        rel = label_file.relative_to(custom_seg["root"] / "labels" / "val")
+        pred = cv2.imread(str(out / "pred_val" / rel), cv2.IMREAD_UNCHANGED)
+        gt = cv2.imread(str(label_file), cv2.IMREAD_UNCHANGED)
+        valid = gt != 255
+        conf += np.bincount(3 * gt[valid].astype(np.int64) + pred[valid], minlength=9).reshape(3, 3)
+    tp = np.diag(conf)
+    with np.errstate(invalid="ignore"):
+        iou = tp / (conf.sum(0) + conf.sum(1) - tp)
+    assert [metrics["per_class_iou"][n] for n in ("ground", "block", "disc")] == pytest.approx(iou.tolist(), nan_ok=True)
+    assert metrics["mIoU"] == pytest.approx(np.nanmean(iou))
+    assert len(list((out / "vis").glob("*.jpg"))) == 1
