@@ -104,6 +104,11 @@ class Segmenter(DenseModel):
     ) -> None:
         super().__init__(backbone, neck, head, pixel_mean, pixel_std, config)
         self.loss = loss
+        if neck is None:
+            # Only a BiFPN adds features of neighbouring strides at exact 2x ratios; a head on the backbone (LR-ASPP,
+            # ESeg without neck) resizes its inputs itself, so any size runs unpadded, as in torchvision. Padding
+            # would change the result: LR-ASPP's global pooling would average the padded border too.
+            self.size_divisor = 1
 
     @property
     def ignore_index(self) -> int:
