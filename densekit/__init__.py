@@ -3,6 +3,7 @@
 Importing densekit has no side effects: Hydra entry points call :func:`densekit.config.register_configs` themselves.
 """
 from .checkpoint.io import CheckpointError
+from .checkpoint.zoo import list_weights
 from .deploy.optimize import optimize_for_inference
 from .modeling.backbones import create_backbone, list_backbones
 from .modeling.build import build_model, create_model, list_models, load_model_config
@@ -15,6 +16,7 @@ __all__ = [
     "create_model",
     "list_backbones",
     "list_models",
+    "list_weights",
     "load_model_config",
     "optimize_for_inference",
 ]

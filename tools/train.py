@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from densekit.checkpoint.finetune import load_for_finetuning
 from densekit.checkpoint.io import read_state_dict
 from densekit.checkpoint.weights import read_model_weights
+from densekit.checkpoint.zoo import architecture_overrides
 from densekit.config import register_configs
 from densekit.engine import distributed as dist_utils
 from densekit.engine.trainer import TrainConfig, Trainer
@@ -48,9 +49,12 @@ def train(cfg: DictConfig) -> dict:
     task = get_task(cfg)
     train_set = task.build_dataset(cfg, cfg.data.train_split, train=True)
     val_set = task.build_dataset(cfg, cfg.data.split, train=False)
-    # The dataset decides the classes; their names travel in the checkpoint with the model config.
+    # The dataset decides the classes; their names travel in the checkpoint with the model config. A zoo checkpoint
+    # (weights=zoo:<name>) may need config keys of its own (the PyTorch-trained EfficientDets' backbone and padding).
     model_cfg = OmegaConf.merge(
-        cfg.model, {"num_classes": task.num_classes(train_set), "class_names": task.class_names(train_set)}
+        cfg.model,
+        architecture_overrides(cfg.weights),
+        {"num_classes": task.num_classes(train_set), "class_names": task.class_names(train_set)},
     )
     model = build_model(model_cfg)
     if cfg.weights:  # fine-tuning: another class count re-initialises only the class predictor

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .io import CheckpointError, load_state_dict_checked, read_state_dict
+from .zoo import resolve_weights
 
 
 def is_effdet_layout(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -88,11 +89,14 @@ def convert_torchvision_lraspp(state_dict: dict[str, torch.Tensor]) -> dict[str,
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint file of any recognised layout into ``model`` (all-or-nothing).
+    """Load a checkpoint file of any recognised layout into ``model`` (all-or-nothing); ``path`` may be a zoo name,
+    ``"zoo:<name>"`` (downloaded once into the cache, see :mod:`densekit.checkpoint.zoo`).
 
     Raises:
-        CheckpointError: unreadable file, unknown layout, or keys / shapes that do not fit (listed).
+        CheckpointError: unreadable file, unknown layout, or keys / shapes that do not fit (listed); unknown zoo
+            name, failed download or wrong hash.
     """
+    path = resolve_weights(path)
     load_state_dict_any(model, read_state_dict(path), f"checkpoint {os.fspath(path)}")
 
 

@@ -1,5 +1,5 @@
-"""What a ``weights=`` argument names, read once: the tensors, where they came from, and what the file records
-about the model they belong to (class count and class names of a densekit training run)."""
+"""What a ``weights=`` argument names, read once: the tensors, where they came from, and what is known about the
+model they belong to (class count and class names of a densekit training run, or a zoo entry's model config keys)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from . import zoo
 from .io import read_checkpoint, state_dict_from
 
 
@@ -18,7 +19,9 @@ class ModelWeights:
     Attributes:
         state_dict: Flat tensors, in the file's own layout (converted on load by ``load_state_dict_any``).
         source: Human-readable origin for messages, e.g. ``"EMA weights of run/checkpoints/last.pth"``.
-        model_overrides: Model config keys the file records (``num_classes``, ``class_names``); empty for
+        model_overrides: Model config keys (nested) the weights need: those a densekit run recorded
+            (``num_classes``, ``class_names``), or a zoo entry's (its classes, plus for some entries backbone /
+            padding / normalisation keys, see :meth:`~densekit.checkpoint.zoo.ZooEntry.model_overrides`); empty for
             files that record nothing (plain state_dicts, efficientdet-pytorch / torchvision checkpoints).
     """
 
@@ -43,9 +46,18 @@ def read_model_weights(path: str | os.PathLike, prefer_ema: bool = False) -> Mod
     """Read the checkpoint at ``path`` once: its weights (the EMA set of a training checkpoint when present and
     ``prefer_ema``) and the class count / names a densekit training run recorded in its config.
 
+    ``path`` may name a zoo entry, ``"zoo:<name>"`` (:mod:`densekit.checkpoint.zoo`): its file is downloaded into
+    the cache on first use, and ``model_overrides`` are the entry's.
+
     Raises:
-        CheckpointError: missing, unreadable or tensor-less file (named).
+        CheckpointError: missing, unreadable or tensor-less file (named); unknown zoo name, failed download or
+            wrong hash (naming the URL and where to put the file by hand).
     """
+    if zoo.is_zoo_ref(path):
+        entry = zoo.get_entry(path)
+        file = zoo.fetch(entry)
+        source = f"{zoo.ZOO_PREFIX}{entry.name} ({file}, for model={entry.model})"
+        return ModelWeights(state_dict_from(read_checkpoint(file), file), source, entry.model_overrides())
     state = read_checkpoint(path)
     run = state if isinstance(state, dict) else {}  # a bare tensor list / other object: no run record
     overrides = _recorded_model(run)

@@ -16,7 +16,9 @@ from torch import nn
 
 # The meta-architecture modules register themselves (schema + builder) in META_ARCHS on import.
 from . import detector, segmenter  # noqa: F401
-from ..checkpoint.convert import load_weights
+from ..checkpoint.convert import load_state_dict_any
+from ..checkpoint.finetune import load_for_finetuning
+from ..checkpoint.weights import read_model_weights
 from .registry import META_ARCHS
 
 #: The architecture of a config that does not say (a partial dict handed to :func:`build_model`).
@@ -103,14 +105,33 @@ def create_model(name: str, num_classes: int | None = None, weights: str | os.Pa
 
     Args:
         name: Model name, e.g. ``"efficientdet_d0"``; :func:`list_models` lists them.
-        num_classes: Replace the config's class count (the head is re-initialised).
+        num_classes: Replace the config's (or the weights') class count. With ``weights`` of another class count
+            this fine-tunes: every tensor but the class predictor loads, and the predictor keeps the rows of
+            classes named in both (``class_names=[...]``; see :func:`densekit.checkpoint.finetune.load_for_finetuning`).
         weights: A checkpoint to load: densekit's own, an efficientdet-pytorch or a torchvision LR-ASPP state_dict,
+            a zoo name such as ``"zoo:tf_efficientdet_d0"`` (downloaded once, see :func:`densekit.list_weights`),
             or (for the backbone alone, via ``backbone={"weights": ...}``) EfficientNet / MobileNetV3 weights.
+            What the weights know of their model (a densekit run's class count and names, a zoo entry's config
+            keys) is applied unless ``num_classes`` / ``overrides`` say otherwise.
         **overrides: Config overrides as nested dicts, e.g. ``neck={"repeats": 1}``, ``image_size=[256, 256]``.
     """
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    model = build_model(load_model_config(name, **overrides))
-    if weights is not None:
-        load_weights(model, weights)
+    if weights is None:
+        return build_model(load_model_config(name, **overrides))
+    read = read_model_weights(weights)  # read first: a missing file or failed download fails before the build
+    model = build_model(load_model_config(name, **_under(overrides, read.model_overrides)))
+    if num_classes is not None:  # asked for a class count: fine-tune (only the class predictor may start over)
+        load_for_finetuning(model, read)
+    else:
+        load_state_dict_any(model, read.state_dict, read.source)
     return model
+
+
+def _under(overrides: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` (what the weights know) with the caller's ``overrides`` on top; recorded class names are dropped
+    when the caller sets another class count (they would name the wrong labels)."""
+    recorded = dict(recorded)
+    if "num_classes" in overrides and overrides["num_classes"] != recorded.get("num_classes"):
+        recorded.pop("class_names", None)
+    return OmegaConf.to_container(OmegaConf.merge(recorded, overrides))

@@ -109,3 +109,12 @@ def test_segmenter_classifiers_fine_tune(name: str) -> None:
         assert torch.equal(new.state_dict()[key][1], old.state_dict()[key][18])
     others = set(new.state_dict()) - set(new.class_predictor())
     assert all(torch.equal(new.state_dict()[k], old.state_dict()[k]) for k in others)
+
+
+def test_create_model_with_another_class_count_fine_tunes(public_d0: Path) -> None:
+    model = densekit.create_model("efficientdet_d0", num_classes=2, class_names=["dog", "kite2"], weights=public_d0, **TINY)
+    ref = torch.load(public_d0, weights_only=True)
+    assert model.num_classes == 2
+    w = model.head.class_net.predict.conv_pw.weight
+    assert torch.equal(w[0], ref["class_net.predict.conv_pw.weight"][COCO_LABEL["dog"]])
+    assert torch.equal(model.head.box_net.predict.conv_pw.weight, ref["box_net.predict.conv_pw.weight"])
