@@ -2,7 +2,7 @@
 
 A task owns its data format (``data.format`` values), dataset and loader building, the class count a dataset
 implies, the check that a model fits a dataset, the evaluation loop, the headline metric, the model summary and
-the ONNX export wrapper. Tools ask the task; :func:`densekit.tasks.get_task` is the one place that maps a config
+the ONNX export wrapper and the prediction path. Tools ask the task; :func:`densekit.tasks.get_task` is the one place that maps a config
 to a task. A new task (instance segmentation, say) is one new module here that registers itself in :data:`TASKS`,
 plus its configs.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.loader import build_loader
 from ..modeling.registry import Registry
+
+if TYPE_CHECKING:
+    from ..deploy.predictions import Inference
 
 EvaluateFn = Callable[[nn.Module], dict[str, Any]]
 
@@ -73,6 +76,12 @@ class Task(ABC):
     @abstractmethod
     def export_module(self, model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
         """The module ONNX export traces for ``model`` at ``image_size`` and the names of its outputs."""
+
+    @abstractmethod
+    def inference(self, model_cfg: Any, image_size: Any, score_threshold: float) -> Inference:
+        """How a ``model_cfg`` model predicts on a user's photo (:class:`densekit.Predictor`, tools/predict.py): the
+        task's evaluation transform at ``image_size`` (an int, ``[H, W]``, or ``None`` for the task's evaluation
+        default) and the mapping of outputs back to original-image pixels; ``score_threshold`` filters boxes."""
 
 
 #: Tasks by name; each task module registers an instance.

@@ -10,10 +10,12 @@ from torch.utils.data import DataLoader
 
 from ..data.coco import CocoDetection, coco_paths
 from ..data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
+from ..config import image_size_arg
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..deploy.onnx import detection_export_module
+from ..deploy.predictions import DetectionInference
 from ..evaluation.loop import evaluate_detector
-from ..labels import COCO_ID_HEAD
+from ..labels import COCO_ID_HEAD, class_names_of
 from ..utils import PAPER, count_macs, count_parameters, format_count
 from .base import TASKS, EvaluateFn, Task
 
@@ -191,6 +193,13 @@ class DetectionTask(Task):
 
     def export_module(self, model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
         return detection_export_module(model, image_size, postprocess)
+
+    def inference(self, model_cfg: Any, image_size: Any, score_threshold: float) -> DetectionInference:
+        h, w = image_size_arg(image_size, model_cfg.image_size)
+        if h != w:
+            raise ValueError(f"a detector's input is square (its evaluation transform pads to one); got image_size {h}x{w}")
+        transform = build_eval_transform(h, **fill_of(model_cfg.pixel_mean))
+        return DetectionInference(transform, class_names_of(model_cfg), score_threshold)
 
 
 TASKS.register(DetectionTask.name)(DetectionTask())

@@ -9,12 +9,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..config import image_size_arg
 from ..data.cityscapes import CityscapesSegmentation
 from ..data.seg_folder import SegmentationFolder, read_class_names
 from ..data.seg_transforms import build_seg_eval_transform, build_seg_train_transform
 from ..data.synthetic_cityscapes import ensure_synthetic_cityscapes
 from ..deploy.onnx import segmentation_export_module
+from ..deploy.predictions import SegmentationInference
 from ..evaluation.loop import evaluate_segmenter
+from ..labels import class_names_of
 from ..utils import count_macs, count_parameters, format_count
 from .base import TASKS, EvaluateFn, Task
 from .detection import fill_of
@@ -130,6 +133,11 @@ class SegmentationTask(Task):
 
     def export_module(self, model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> tuple[nn.Module, list[str]]:
         return segmentation_export_module(model, image_size, postprocess)
+
+    def inference(self, model_cfg: Any, image_size: Any, score_threshold: float) -> SegmentationInference:
+        """Full resolution by default, as the evaluation; ``score_threshold`` has no meaning for a label map."""
+        size = None if image_size is None else image_size_arg(image_size, model_cfg.image_size)
+        return SegmentationInference(build_seg_eval_transform(size), class_names_of(model_cfg), resized=size is not None)
 
 
 TASKS.register(SegmentationTask.name)(SegmentationTask())

@@ -1,4 +1,5 @@
-"""Drawing detections on images (cv2), for `eval.visualize=N`."""
+"""Drawing predictions on images (cv2): detection boxes with captions and segmentation colour overlays, for
+`eval.visualize=N` and tools/predict.py."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,8 +12,9 @@ from ..checkpoint.io import atomic_write
 
 
 def _color(label: int) -> tuple[int, int, int]:
-    # Fixed, well-separated hues per class so the same class keeps its colour across images.
-    hue = (label * 47) % 180
+    # Fixed, well-separated hues per class so the same class keeps its colour across images: golden-ratio steps
+    # around the hue circle keep any run of consecutive labels apart (a fixed step brings label k back near 0).
+    hue = int((label * 0.618033988749895) % 1.0 * 180)
     bgr = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
     return int(bgr[0]), int(bgr[1]), int(bgr[2])
 
@@ -38,6 +40,47 @@ def draw_detections(
         (tw, th), _ = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
         cv2.rectangle(canvas, (x1, max(0, y1 - th - 4)), (x1 + tw + 2, max(th + 4, y1)), color, -1)
         cv2.putText(canvas, caption, (x1 + 1, max(th + 1, y1 - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
+
+
+def overlay_segmentation(
+    image_rgb: np.ndarray,
+    label_map: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    ignore_index: int | None = 255,
+) -> np.ndarray:
+    """Return a BGR copy of ``image_rgb`` with each class's pixels tinted in its colour and a legend of the classes
+    present (largest first).
+
+    The colours are those :func:`draw_detections` gives the same label, so they hold for any class count (the
+    Cityscapes palette of :func:`densekit.evaluation.cityscapes.colorize` covers its 19 trainIds only). Pixels equal
+    to ``ignore_index`` keep the photo's colours.
+
+    Args:
+        image_rgb: ``uint8 [H, W, 3]`` RGB.
+        label_map: ``[H, W]`` integer class per pixel, the image's size.
+        class_names: Name of each label, for the legend.
+        alpha: Weight of the class colour.
+        ignore_index: Label left untinted (``None``: none).
+    """
+    if label_map.shape != image_rgb.shape[:2]:
+        raise ValueError(f"label map is {list(label_map.shape)} but the image is {list(image_rgb.shape[:2])}")
+    canvas = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
+    labels, counts = np.unique(label_map, return_counts=True)
+    keep = labels != ignore_index if ignore_index is not None else np.ones(len(labels), dtype=bool)
+    labels, counts = labels[keep], counts[keep]
+    palette = np.array([_color(i) for i in range(int(label_map.max(initial=0)) + 1)], dtype=np.uint8)
+    colors = palette[np.clip(label_map, 0, None)]  # one lookup, however many classes
+    tinted = label_map != ignore_index if ignore_index is not None else np.ones(label_map.shape, dtype=bool)
+    canvas[tinted] = cv2.addWeighted(canvas, 1.0 - alpha, colors, alpha, 0.0)[tinted]
+    rows = max(0, (canvas.shape[0] - 4) // 16)  # as many legend rows as the image has room for
+    for row, label in enumerate(labels[np.argsort(-counts)][:rows]):
+        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))
+        y = 4 + row * 16
+        cv2.rectangle(canvas, (4, y), (16, y + 12), _color(int(label)), -1)
+        for color, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):  # outlined: readable on any photo
+            cv2.putText(canvas, name, (20, y + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, thickness, cv2.LINE_AA)
     return canvas
 
 

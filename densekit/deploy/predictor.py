@@ -1,0 +1,188 @@
+"""``densekit.Predictor``: a model and its weights, ready to run on photos, in a notebook or behind tools/predict.py.
+
+::
+
+    predictor = densekit.Predictor("efficientdet_d0", weights="run/checkpoints/last.pth", score_threshold=0.4)
+    det = predictor("photo.jpg")            # Detections: boxes (xyxy, photo pixels), scores, labels, names
+    seg = densekit.Predictor("lraspp_mobilenet_v3_large", weights="lraspp.pth")(rgb_array)   # SegmentationMap
+
+Preprocessing is the task's evaluation transform (:meth:`densekit.tasks.Task.inference`), so the numbers on a
+user's photo are made the way the metrics are, and results come back in the photo's own pixels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ..checkpoint.convert import load_state_dict_any
+from ..checkpoint.weights import read_model_weights
+from ..data.coco import read_image
+from ..labels import class_names_of
+from ..modeling.build import build_model, load_model_config
+from .optimize import optimize_for_inference
+from .predictions import Prediction
+
+log = logging.getLogger(__name__)
+
+#: An image a :class:`Predictor` takes: a file path, an RGB array ``[H, W, 3]`` (uint8, or float in [0, 1]), or a
+#: tensor ``[3, H, W]`` (uint8, or float in [0, 1]) as the models take it.
+ImageInput = str | os.PathLike | np.ndarray | torch.Tensor
+
+
+def to_rgb_uint8(image: ImageInput, name: str) -> np.ndarray:
+    """``image`` as the ``uint8 RGB [H, W, 3]`` array the evaluation transforms take; ``name`` is quoted in errors.
+
+    Raises:
+        FileNotFoundError / OSError: a path that does not exist or does not decode (named).
+        ValueError: a wrong shape, NaN or infinite values, or float values outside [0, 1].
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"{name}: expected a tensor [3, H, W], got {list(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name}: expected a path, an RGB array [H, W, 3] or a tensor [3, H, W], got {type(image).__name__}"
+                         + (f" {list(image.shape)}" if hasattr(image, "shape") else ""))
+    if image.dtype == np.uint8:
+        return image
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"{name}: expected uint8 or float pixels, got {image.dtype}")
+    bad = ~np.isfinite(image)
+    if bad.any():
+        raise ValueError(f"{name} has {int(bad.sum())} NaN or infinite pixel values: check how it was decoded / "
+                         f"preprocessed (the models need finite RGB values in [0, 1] or uint8 0-255)")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name}: float pixels must lie in [0, 1], got {lo:g}..{hi:g} (pass uint8 0-255 instead)")
+    return np.round(image * 255.0).astype(np.uint8)
+
+
+def load_model(model: str | Any, weights: str | os.PathLike | None, prefer_ema: bool = True, **overrides: Any) -> nn.Module:
+    """A model by name (``conf/model``), from a model config, or as given, with ``weights`` loaded.
+
+    A densekit training checkpoint records its class count and names; they override the config's, so
+    ``load_model("efficientdet_d0", "run/checkpoints/last.pth")`` builds the run's head with its class names.
+    ``overrides`` (nested dicts, as :func:`densekit.create_model`) apply to a model given by name.
+    """
+    if isinstance(model, nn.Module):
+        if getattr(model, "config", None) is None:
+            raise ValueError("Predictor needs a densekit model (built by densekit.create_model / build_model)")
+        if weights is not None:
+            found = read_model_weights(weights, prefer_ema=prefer_ema)
+            load_state_dict_any(model, found.state_dict, found.source)
+        return model
+    cfg = load_model_config(model, **overrides) if isinstance(model, str) else OmegaConf.merge(model, overrides)
+    found = read_model_weights(weights, prefer_ema=prefer_ema) if weights is not None else None
+    if found is not None:
+        cfg = OmegaConf.merge(cfg, found.model_overrides)  # a densekit run knows its classes
+    net = build_model(cfg)
+    if found is not None:
+        load_state_dict_any(net, found.state_dict, found.source)
+    else:
+        log.warning("no weights given: %s predicts with freshly initialised weights", net.config.name)
+    return net
+
+
+class Predictor:
+    """Runs a model on images and returns one :class:`~densekit.deploy.predictions.Prediction` each, in
+    original-image pixels (:class:`~densekit.deploy.predictions.Detections` or
+    :class:`~densekit.deploy.predictions.SegmentationMap`).
+
+    Args:
+        model: A ``conf/model`` name (``"efficientdet_d0"``), a model config (e.g. Hydra's ``cfg.model``) or a
+            densekit model (put in eval mode on ``device``; with ``optimize`` a rewritten copy runs).
+        weights: A checkpoint for ``weights=`` (densekit, efficientdet-pytorch or torchvision layout); the class
+            count and names a densekit training run recorded are used. ``None`` keeps the model's weights.
+        device: Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        score_threshold: Detection: keep boxes scoring at least this.
+        image_size: Model input: detection an int (default: the model's ``image_size``); segmentation ``[H, W]``
+            (default: each image at full resolution, as the evaluation).
+        optimize: Fold BatchNorm and use channels_last (:func:`densekit.optimize_for_inference`); same outputs to
+            float rounding, less time.
+        compile: Also ``torch.compile`` (one compile per input shape: worth it for many same-size images).
+        batch_size: Images per forward pass.
+        prefer_ema: Use a training checkpoint's EMA weights when it has them.
+        **overrides: Model config overrides for a model given by name, e.g. ``num_classes=3``.
+    """
+
+    def __init__(
+        self,
+        model: str | Any,
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        score_threshold: float = 0.3,
+        image_size: int | Sequence[int] | None = None,
+        optimize: bool = True,
+        compile: bool = False,
+        batch_size: int = 1,
+        prefer_ema: bool = True,
+        **overrides: Any,
+    ) -> None:
+        from ..tasks import task_of_model  # late: the tasks import the evaluation loops, Predictor's users may not
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        net = load_model(model, weights, prefer_ema, **overrides).eval().to(self.device)
+        self.config = net.config
+        self.task = task_of_model(net.config)
+        self.class_names = class_names_of(net.config)
+        self.inference = self.task.inference(net.config, image_size, score_threshold)
+        self.channels_last = optimize
+        self.model = net
+        if optimize or compile:  # a rewritten copy; the original is dropped
+            self.model = optimize_for_inference(net, fold_bn=optimize, channels_last=optimize, compile=compile)
+        self.batch_size = batch_size
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
+        """One image -> its prediction; a list (or a ``[B, 3, H, W]`` / ``[B, H, W, 3]`` batch) -> a list."""
+        batched = isinstance(images, (list, tuple)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
+        results = self.predict(list(images) if batched else [images])
+        return results if batched else results[0]
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> list[Prediction]:
+        """Predictions for ``images``, in order; ``names`` (e.g. file names) are quoted in errors.
+
+        Consecutive images whose model inputs have the same shape share a forward pass (up to ``batch_size``).
+        """
+        if names is not None and len(names) != len(images):
+            raise ValueError(f"{len(names)} names for {len(images)} images")
+        results: list[Prediction] = []
+        for tensors, metas in self._batches(images, names):
+            batch = torch.stack(tensors).to(self.device)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            results += self.inference.predict(self.model, batch, metas)
+        return results
+
+    def _batches(self, images: Sequence[ImageInput], names: Sequence[str] | None) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
+        """Preprocessed images grouped into same-shape batches, preprocessing each batch only when it is needed."""
+        tensors: list[torch.Tensor] = []
+        metas: list[dict] = []
+        for index, image in enumerate(images):
+            if names is not None:
+                name = names[index]
+            else:
+                name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
+            tensor, meta = self.inference.preprocess(to_rgb_uint8(image, name))
+            if tensors and (len(tensors) == self.batch_size or tensor.shape != tensors[0].shape):
+                yield tensors, metas
+                tensors, metas = [], []
+            tensors.append(tensor)
+            metas.append(meta)
+        if tensors:
+            yield tensors, metas
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.config.name}, task={self.task.name}, device={self.device}, "
+                f"{len(self.class_names)} classes)")
