@@ -206,3 +206,15 @@ def test_topk_pairs_with_mass_ties_keeps_the_top_values() -> None:
     assert torch.equal(values, ref_values)
     assert torch.equal(logits.reshape(2, -1).gather(1, idx), values)
     assert all(len(set(row.tolist())) == 500 for row in idx)  # no pair twice
+
+
+@pytest.mark.parametrize("name", ["efficientdet_d0", "lraspp_mobilenet_v3_small"])
+def test_nan_or_inf_pixels_are_refused_naming_the_image(name: str) -> None:
+    model = densekit.create_model(name, num_classes=3, image_size=[64, 64]).eval()
+    images = torch.rand(2, 3, 64, 64)
+    images[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\] of the batch contain NaN or inf"):
+        model(images)
+    listed = [torch.rand(3, 64, 64), torch.full((3, 32, 32), float("inf"))]
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):  # a list is checked image by image
+        model(listed)
