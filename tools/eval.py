@@ -14,13 +14,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from densekit.checkpoint.convert import load_state_dict_any
 from densekit.checkpoint.io import atomic_write
-from densekit.checkpoint.weights import read_model_weights
 from densekit.config import register_configs
 from densekit.deploy.optimize import optimize_for_inference
 from densekit.engine import distributed as dist_utils
-from densekit.modeling.build import build_model
+from densekit.modeling.build import build_model, build_with_weights
 from densekit.tasks import get_task
 from densekit.utils.files import atomic_save_json
 
@@ -32,19 +30,13 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     task = get_task(cfg)
     dataset = task.build_dataset(cfg, cfg.data.split, train=False)
-    model_cfg = cfg.model
-    if cfg.weights:
-        weights = read_model_weights(cfg.weights, prefer_ema=cfg.eval.ema)
-        model_cfg = OmegaConf.merge(cfg.model, weights.model_overrides)  # a densekit run knows its classes
-    elif not cfg.eval.allow_random_weights:
-        raise ValueError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
-    model = build_model(model_cfg)  # num_classes: the run's, the config's, or 90 for the public COCO checkpoints
-    task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
-    if cfg.weights:
-        load_state_dict_any(model, weights.state_dict, weights.source)
-        what = weights.source
+    if cfg.weights:  # num_classes: the run's, the config's, or 90 for the public COCO checkpoints
+        model, what = build_with_weights(cfg.model, cfg.weights, prefer_ema=cfg.eval.ema)
+    elif cfg.eval.allow_random_weights:
+        model, what = build_model(cfg.model), "random weights"
     else:
-        what = "random weights"
+        raise ValueError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
+    task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
     model.to(device)
     if cfg.eval.fold_bn or cfg.eval.channels_last or cfg.eval.compile:
         model = optimize_for_inference(

@@ -19,9 +19,9 @@ import hydra
 from omegaconf import DictConfig
 
 import densekit
-from densekit.checkpoint.convert import load_weights
 from densekit.config import image_size_arg, register_configs
 from densekit.deploy.onnx import ExportError, check_onnx, export_onnx
+from densekit.modeling.build import build_with_weights
 
 log = logging.getLogger("densekit.export")
 
@@ -33,10 +33,10 @@ def run(cfg: DictConfig) -> None:
     """Build, export and check; raises one of ``USER_ERRORS`` on a fixable problem."""
     if not cfg.export.output:
         raise ValueError("export.output is required, e.g. export.output=model.onnx")
-    model = densekit.build_model(cfg.model).eval()
-    if cfg.weights:
-        load_weights(model, cfg.weights)
+    if cfg.weights:  # a densekit run's class count (and a zoo entry's config) come with its checkpoint
+        model = build_with_weights(cfg.model, cfg.weights)[0].eval()
     else:
+        model = densekit.build_model(cfg.model).eval()
         log.warning("no weights=<checkpoint>: exporting %s with freshly initialised weights", cfg.model.name)
     size = image_size_arg(cfg.image_size, model.config.image_size)
     start = time.perf_counter()

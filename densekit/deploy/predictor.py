@@ -25,7 +25,7 @@ from ..checkpoint.convert import load_state_dict_any
 from ..checkpoint.weights import read_model_weights
 from ..data.coco import read_image
 from ..labels import class_names_of
-from ..modeling.build import build_model, load_model_config
+from ..modeling.build import build_model, build_with_weights, load_model_config
 from .optimize import optimize_for_inference
 from .predictions import Prediction
 
@@ -81,14 +81,10 @@ def load_model(model: str | Any, weights: str | os.PathLike | None, prefer_ema: 
             load_state_dict_any(model, found.state_dict, found.source)
         return model
     cfg = load_model_config(model, **overrides) if isinstance(model, str) else OmegaConf.merge(model, overrides)
-    found = read_model_weights(weights, prefer_ema=prefer_ema) if weights is not None else None
-    if found is not None:
-        cfg = OmegaConf.merge(cfg, found.model_overrides)  # a densekit run knows its classes
+    if weights is not None:
+        return build_with_weights(cfg, weights, prefer_ema=prefer_ema)[0]  # a densekit run knows its classes
     net = build_model(cfg)
-    if found is not None:
-        load_state_dict_any(net, found.state_dict, found.source)
-    else:
-        log.warning("no weights given: %s predicts with freshly initialised weights", net.config.name)
+    log.warning("no weights given: %s predicts with freshly initialised weights", net.config.name)
     return net
 
 

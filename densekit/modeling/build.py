@@ -128,6 +128,16 @@ def create_model(name: str, num_classes: int | None = None, weights: str | os.Pa
     return model
 
 
+def build_with_weights(model_cfg: Any, weights: str | os.PathLike, prefer_ema: bool = False) -> tuple[nn.Module, str]:
+    """The model of ``model_cfg`` as the checkpoint ``weights`` records it (a densekit run's class count and names,
+    a zoo entry's config keys), loaded all-or-nothing: what tools/eval.py, tools/export.py and the Predictor run.
+    Returns the model and a description of the weights for messages (e.g. ``"EMA weights of run/last.pth"``)."""
+    found = read_model_weights(weights, prefer_ema=prefer_ema)
+    model = build_model(OmegaConf.merge(model_cfg, found.model_overrides))
+    load_state_dict_any(model, found.state_dict, found.source)
+    return model, found.source
+
+
 def _under(overrides: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
     """``recorded`` (what the weights know) with the caller's ``overrides`` on top; recorded class names are dropped
     when the caller sets another class count (they would name the wrong labels)."""
