@@ -144,13 +144,27 @@ def summary(predictor: Predictor, report: Report, kind: str, seconds: float, loa
     return "\n".join(lines)
 
 
+def input_of(cfg: DictConfig) -> Any:
+    """``input=``, or else the image folder of a data config's split (``data=custom data.val_images=...``), as
+    tools/train.py and tools/eval.py read it."""
+    if cfg.get("input") is not None:
+        return cfg.input
+    data = cfg.get("data")
+    if data is not None and data.get(f"{data.split}_images"):
+        return data[f"{data.split}_images"]
+    raise ValueError("tools/predict.py needs input=<an image, folder, glob, video file or webcam index>, "
+                     "or a data config naming the images (e.g. data=custom data.val_images=/data/images)")
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
-    """Predict on ``cfg.input`` and write the run directory's files; returns what ``predictions.json`` holds."""
+    """Predict on the input (:func:`input_of`) and write the run directory's files; returns what
+    ``predictions.json`` holds."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     p = cfg.predict
-    video = is_webcam(cfg.input) or is_video(cfg.input)
+    source_path = input_of(cfg)
+    video = is_webcam(source_path) or is_video(source_path)
     # The input is checked before the model is built: a typo costs no model loading.
-    source = VideoFrames(cfg.input, p.max_frames) if video else list_images(str(cfg.input))
+    source = VideoFrames(source_path, p.max_frames) if video else list_images(str(source_path))
     if not cfg.weights and not p.allow_random_weights:
         raise ValueError("tools/predict.py needs weights=<checkpoint> (or predict.allow_random_weights=true)")
     start = time.perf_counter()
@@ -159,17 +173,17 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                           prefer_ema=p.ema)
     load_seconds = time.perf_counter() - start
     report = Report()
-    record: dict[str, Any] = {"model": predictor.config.name, "weights": cfg.weights, "input": cfg.input,
+    record: dict[str, Any] = {"model": predictor.config.name, "weights": cfg.weights, "input": source_path,
                               "task": predictor.task.name, "class_names": predictor.class_names,
                               "predict": OmegaConf.to_container(p, resolve=True)}
     start = time.perf_counter()
     if isinstance(source, VideoFrames):
         kind = "frames"
-        stem = f"webcam{int(cfg.input)}" if is_webcam(cfg.input) else Path(str(cfg.input)).stem
+        stem = f"webcam{int(source_path)}" if is_webcam(source_path) else Path(str(source_path)).stem
         record["video"] = predict_video(predictor, source, stem, out_dir, p, report)
     else:
         kind = "images"
-        predict_images(predictor, source, Path(str(cfg.input)).is_file(), out_dir, p, report)
+        predict_images(predictor, source, Path(str(source_path)).is_file(), out_dir, p, report)
     seconds = time.perf_counter() - start
     record.update({kind: report.entries, "skipped": report.skipped, "seconds": seconds})
     atomic_save_json(record, out_dir / "predictions.json")

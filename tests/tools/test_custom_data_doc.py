@@ -96,6 +96,7 @@ def test_every_command_of_the_custom_data_walkthrough_runs(workspace: dict[str, 
     assert len(list((run / "eval" / "vis").glob("*.jpg"))) == 4
     predictions = json.loads((run / "predict" / "predictions.json").read_text())
     assert predictions and list((run / "predict" / "pictures").rglob("*.jpg"))
+    assert json.loads((run / "predict_val" / "predictions.json").read_text())["input"] == str(data / "images")
     assert (run / "lite0_custom.onnx").stat().st_size > 1_000_000
     seg = json.loads((run / "seg_eval" / "metrics.json").read_text())
     assert set(seg["per_class_iou"]) == {"ground", "block", "disc"} and list((run / "seg_eval" / "pred_val").rglob("*.png"))
