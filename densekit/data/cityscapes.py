@@ -5,20 +5,16 @@ path; what needs decoding (sizes, label values) is checked per item, again namin
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
-import torch
 from cityscapesscripts.helpers.labels import Label
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
-from torch.utils.data import Dataset
 
-from .coco import DATASETS_ENV, datasets_root, read_image
-from .seg_transforms import IGNORE_INDEX, SegTransformOutput, label_to_tensor
-from .transforms import image_to_tensor
+from .coco import DATASETS_ENV, datasets_root
+from .seg_dataset import SegmentationDataset, Transform
+from .seg_transforms import IGNORE_INDEX
 
 __all__ = [
     "CITYSCAPES_CLASSES",
@@ -46,8 +42,6 @@ NUM_CLASSES = len(CITYSCAPES_CLASSES)
 # Values a labelTrainIds file may hold.
 _VALID_TRAIN_ID = np.zeros(256, dtype=bool)
 _VALID_TRAIN_ID[list(range(NUM_CLASSES)) + [IGNORE_INDEX]] = True
-
-Transform = Callable[[np.ndarray, "np.ndarray | None"], SegTransformOutput]
 
 
 def label_id_to_train_id() -> np.ndarray:
@@ -97,7 +91,7 @@ def read_label(path: str | Path) -> np.ndarray:
     return label
 
 
-class CityscapesSegmentation(Dataset):
+class CityscapesSegmentation(SegmentationDataset):
 
     """Cityscapes images with their gtFine trainId labels.
 
@@ -122,7 +116,6 @@ class CityscapesSegmentation(Dataset):
 
     #: The 19 evaluated classes, by trainId.
     class_names: tuple[str, ...] = CITYSCAPES_CLASSES
-    num_classes: int = NUM_CLASSES
     #: trainId -> labelId: how predictions are written (the format of cityscapesscripts and the benchmark server).
     label_ids: np.ndarray = np.array([lb.id for lb in TRAIN_LABELS], dtype=np.uint8)
 
@@ -207,25 +200,6 @@ class CityscapesSegmentation(Dataset):
                 f"trainIds 0-{NUM_CLASSES - 1} or {IGNORE_INDEX}{hint}"
             )
         return label
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        path = self.image_path(index)
-        image = read_image(path)  # its errors name the file
-        orig_size = (int(image.shape[0]), int(image.shape[1]))
-        label = self.load_label(index, orig_size) if self.has_labels else None
-        if self.transform is not None:
-            tensor, sem_seg = self.transform(image, label)
-        else:
-            tensor, sem_seg = image_to_tensor(image), None if label is None else label_to_tensor(label)
-        label_file = self.label_path(index)
-        target = {
-            "sem_seg": sem_seg,
-            "file": str(path),
-            "label_file": None if label_file is None else str(label_file),
-            "orig_size": orig_size,
-            "size": (int(tensor.shape[-2]), int(tensor.shape[-1])),
-        }
-        return tensor, target
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"

@@ -8,22 +8,16 @@ path); values are checked per item, naming the file.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from .cityscapes import read_label
-from .coco import read_image
-from .seg_transforms import IGNORE_INDEX, SegTransformOutput, label_to_tensor
-from .transforms import image_to_tensor
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-Transform = Callable[[np.ndarray, "np.ndarray | None"], SegTransformOutput]
+from .media import IMAGE_SUFFIXES
+from .seg_dataset import SegmentationDataset, Transform
+from .seg_transforms import IGNORE_INDEX
 
 
 def read_class_names(classes: Sequence[str] | str | Path) -> list[str]:
@@ -44,7 +38,7 @@ def read_class_names(classes: Sequence[str] | str | Path) -> list[str]:
     return names
 
 
-class SegmentationFolder(Dataset):
+class SegmentationFolder(SegmentationDataset):
     """Images + single-channel label PNGs + a class list, with the same items as
     :class:`~densekit.data.cityscapes.CityscapesSegmentation` (``sem_seg`` holds class indices, 255 = ignore).
 
@@ -95,10 +89,6 @@ class SegmentationFolder(Dataset):
                     f"{len(missing)} of {len(images)} images under {self.image_dir} have no label: "
                     f"{self._label_of(missing[0])} (for {missing[0]}) does not exist"
                 )
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def _value_table(self, ignore_index: int, reduce_zero_label: bool) -> np.ndarray:
         """``int16 [256]``: file value -> class index, 255 for ignore, -1 for values that must not occur."""
@@ -153,25 +143,9 @@ class SegmentationFolder(Dataset):
                              f"({self.num_classes} of them: {self.class_names[:5]}...) nor the ignore value")
         return label.astype(np.uint8)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        path = self.image_path(index)
-        image = read_image(path)
-        orig_size = (int(image.shape[0]), int(image.shape[1]))
-        label = self.load_label(index, orig_size) if self.has_labels else None
-        if self.transform is not None:
-            tensor, sem_seg = self.transform(image, label)
-        else:
-            tensor, sem_seg = image_to_tensor(image), None if label is None else label_to_tensor(label)
-        label_file = self.label_path(index)
-        target = {
-            "sem_seg": sem_seg,
-            "file": str(path),
-            "label_file": None if label_file is None else str(label_file),
-            "name": f"{self._relative_stem(path)}.png",  # its prediction PNG's path, relative to the output folder
-            "orig_size": orig_size,
-            "size": (int(tensor.shape[-2]), int(tensor.shape[-1])),
-        }
-        return tensor, target
+    def extra_target(self, index: int) -> dict[str, Any]:
+        # Where its prediction PNG goes, relative to the output folder (sub-folders kept: names may repeat).
+        return {"name": f"{self._relative_stem(self.image_path(index))}.png"}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_dir={str(self.image_dir)!r}, label_dir={str(self.label_dir)!r}, "

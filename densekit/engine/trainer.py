@@ -19,10 +19,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint.train_state import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint.train_state import find_resume_checkpoint, load_checkpoint
 from ..config import TrainConfig
 from . import distributed as dist_utils
-from ..checkpoint.train_state import find_resume_checkpoint, load_checkpoint
 from .ema import ModelEMA
 from .hooks import EvaluateFn, HookBase, TrainingDiverged, default_hooks
 from .schedule import warmup_cosine, warmup_poly

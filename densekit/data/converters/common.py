@@ -17,9 +17,9 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from ...utils.files import atomic_save_json
+from ..media import IMAGE_SUFFIXES  # noqa: F401  (re-exported: the readers list image files with it)
 
 # Formats cv2.imdecode reads, which is how densekit.data.coco.read_image loads them for training.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ConversionError(ValueError):
