@@ -206,3 +206,29 @@ def test_topk_pairs_with_mass_ties_keeps_the_top_values() -> None:
     assert torch.equal(values, ref_values)
     assert torch.equal(logits.reshape(2, -1).gather(1, idx), values)
     assert all(len(set(row.tolist())) == 500 for row in idx)  # no pair twice
+
+
+def test_gpu_path_of_postprocessing_copies_nothing_to_the_host_and_gives_the_cpu_result(
+    monkeypatch: pytest.MonkeyPatch, host_reads
+) -> None:
+    """On a GPU the top-k gathers the chosen anchors from the concatenated levels instead of reading the level split
+    points on the host (``split_on_host``). Forced here on the CPU: the detections must be the CPU path's exactly,
+    and no tensor data may be copied to the host (``.item()``, ``.tolist()``, ``.cpu()``, ...)."""
+    from densekit.modeling import postprocess
+
+    g = torch.Generator().manual_seed(0)
+    anchor_gen = AnchorGenerator(3, 5, 3, [(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)], 4.0)
+    anchors = anchor_gen((128, 128))
+    sizes = [16 * 16 * 9, 8 * 8 * 9, 4 * 4 * 9]  # P3-P5 anchors of a 128 px input
+    logits = torch.randn(2, anchors.shape[0], 6, generator=g) * 2
+    deltas = torch.randn(2, anchors.shape[0], 4, generator=g) * 0.1
+    levels = list(logits.split(sizes, 1))
+    post = DetectionPostprocessor(BoxCoder(), pre_nms_top_k=300, max_detections=50)
+    on_host = post(levels, deltas, anchors, [(128, 128), (100, 120)])
+    monkeypatch.setattr(postprocess, "split_on_host", lambda device: False)
+    with host_reads(device="any") as reads:
+        on_device = post(levels, deltas, anchors, [(128, 128), (100, 120)])
+    assert reads.calls == []
+    for a, b in zip(on_host, on_device):
+        assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels"))
+    assert len(on_host[0]["scores"]) == 50
