@@ -5,6 +5,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -48,6 +49,18 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
     return get_rank(), world_size, resolved
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm synchronised across processes (``nn.SyncBatchNorm``), weights and statistics kept.
+
+    timm's converter, not torch's: ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns timm's ``BatchNormAct2d`` (BN
+    and activation in one module, in every timm EfficientNet / MobileNetV3 backbone) into a plain SyncBatchNorm and
+    silently drops the activation; timm's makes it a ``SyncBatchNormAct`` that keeps it.
+    """
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    return timm_convert(model)
 
 
 def get_rank() -> int:

@@ -90,7 +90,7 @@ class Trainer:
                 p.requires_grad_(False)
         if cfg.sync_bn and self.distributed:
             if device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                model = dist_utils.convert_sync_batchnorm(model)
             else:
                 log.warning("train.sync_bn ignored: PyTorch's SyncBatchNorm runs on GPUs only")
         self.model = model.to(device)
