@@ -159,7 +159,8 @@ def optimize_for_inference(
         strict: With ``compile``, raise if compiling ``example_input`` fails instead of warning and returning the
             uncompiled (but otherwise optimised) module.
         compile_mode: With ``compile``, ``torch.compile``'s ``mode``: ``None`` (inductor's default),
-            ``"reduce-overhead"`` (CUDA graphs: one launch per call, for launch-bound small batches on a GPU),
+            ``"reduce-overhead"`` (CUDA graphs: one launch per call, for launch-bound small batches on a GPU; the
+            compiled outputs live in the graph's memory, which the next call overwrites: clone what you keep),
             ``"max-autotune"`` (also benchmarks kernel choices while compiling: minutes, not seconds).
 
     Returns:
