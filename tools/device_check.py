@@ -341,8 +341,8 @@ def judge_targets(check: Check) -> None:
                                         "source": source})
 
 
-def fetch_wheels(folder: Path) -> int:
-    """Download, here (PyPI reachable), the wheels the device lacks, for its Python 3.12 on x86-64 Linux, at this
+def fetch_wheels(folder: Path, python_version: str = "3.12") -> int:
+    """Download, here (PyPI reachable), the wheels the device lacks, for its Python (3.12) on x86-64 Linux, at this
     environment's versions; a pure-Python package published only as source is built into a wheel."""
     import importlib.metadata as md
 
@@ -355,7 +355,7 @@ def fetch_wheels(folder: Path) -> int:
         except md.PackageNotFoundError:
             spec = dist
         pip = [sys.executable, "-m", "pip", "-q"]
-        download = pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version=3.12",
+        download = pip + ["download", "--no-deps", "--only-binary=:all:", f"--python-version={python_version}",
                           "--implementation=cp", *platforms, "-d", str(folder), spec]
         if subprocess.run(download).returncode != 0 and subprocess.run(
             pip + ["wheel", "--no-deps", "-w", str(folder), spec]
@@ -374,10 +374,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for device_check.json and device_check.log (default $OUT, else ./device_check_out)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds for all steps together")
     parser.add_argument("--fetch-wheels", type=Path, metavar="DIR", help="only download the device's wheels into DIR")
+    parser.add_argument("--wheel-python", default="3.12", help="with --fetch-wheels: the target Python version")
     parser.add_argument("--bench-worker", type=Path, metavar="DIR", help=argparse.SUPPRESS)  # see bench_worker
     args = parser.parse_args(argv)
     if args.fetch_wheels:
-        return fetch_wheels(args.fetch_wheels)
+        return fetch_wheels(args.fetch_wheels, args.wheel_python)
     if args.bench_worker:
         return bench_worker(args.bench_worker)
     args.out.mkdir(parents=True, exist_ok=True)
