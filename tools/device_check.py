@@ -113,7 +113,8 @@ class Check:
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         if dry_run:  # a small, shared CPU: one thread a process, and idle threads that sleep instead of spinning
             self.env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **self.env}
-        self.log: TextIO = open(out_dir / "device_check.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+        # The log, written as the steps print: open for the whole run, so a killed run still leaves it.
+        self.log: TextIO = open(out_dir / "device_check.log", "a", buffering=1)  # noqa: SIM115
         self.report: dict[str, Any] = {
             "dry_run": dry_run, "started": now(), "finished": None, "budget_s": budget_s, "steps": [], "targets": [],
         }
@@ -173,7 +174,8 @@ def now() -> str:
 
 def missing_modules(python: str, env: dict[str, str]) -> list[str]:
     """The import names of :data:`MODULES` that ``python`` cannot import (checked without importing them)."""
-    probe = "import importlib.util, json, sys; print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]))"
+    probe = ("import importlib.util, json, sys; "
+             "print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]))")
     done = subprocess.run([python, "-c", probe, *MODULES], env=env, capture_output=True, text=True, timeout=60)
     return json.loads(done.stdout) if done.returncode == 0 else list(MODULES)
 
@@ -282,7 +284,8 @@ def benchmarks_in_one_process(check: Check, benches: list[Bench]) -> None:
     specs = {b.name: b.overrides(True, check.work / f"{b.name}.json") for b in benches}
     (check.work / "benches.json").write_text(json.dumps(specs))  # the worker's input, not a result
     cap = sum(b.timeout_s for b in benches)
-    worker = check.run("benchmarks", [sys.executable, str(Path(__file__).resolve()), "--bench-worker", str(check.work)], cap)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--bench-worker", str(check.work)]
+    worker = check.run("benchmarks", cmd, cap)
     for bench in benches:
         done = check.work / f"{bench.name}.done.json"
         status = json.loads(done.read_text()) if done.exists() else {"status": worker["status"], "seconds": 0.0}
@@ -362,7 +365,8 @@ def fetch_wheels(folder: Path, python_version: str = "3.12") -> int:
         ).returncode != 0:
             failed.append(spec)
     size = sum(w.stat().st_size for w in folder.glob("*.whl")) / 2**20
-    print(f"{len(list(folder.glob('*.whl')))} wheels, {size:.1f} MiB in {folder}" + (f"; FAILED: {failed}" if failed else ""))
+    count = len(list(folder.glob("*.whl")))
+    print(f"{count} wheels, {size:.1f} MiB in {folder}" + (f"; FAILED: {failed}" if failed else ""))
     return 1 if failed else 0
 
 
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN", "") not in ("", "0"),
                         help="the same steps on the CPU at tiny sizes (also DRY_RUN=1)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "device_check_out"),
-                        help="folder for device_check.json and device_check.log (default $OUT, else ./device_check_out)")
+                        help="folder for device_check.json and .log (default $OUT, else ./device_check_out)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds for all steps together")
     parser.add_argument("--fetch-wheels", type=Path, metavar="DIR", help="only download the device's wheels into DIR")
     parser.add_argument("--wheel-python", default="3.12", help="with --fetch-wheels: the target Python version")

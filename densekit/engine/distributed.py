@@ -23,7 +23,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r}: CUDA is not available in this PyTorch build or on this machine; use cpu")
+            raise ValueError(f"device={name!r}: CUDA is not available in this PyTorch build or on this machine; "
+                             "use cpu")
         device = torch.device("cuda", local_rank if device.index is None else device.index)
         if device.index >= torch.cuda.device_count():
             raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")

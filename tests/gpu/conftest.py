@@ -47,7 +47,8 @@ def scale(device: torch.device) -> Scale:
     if device.type == "cpu":
         neck = {"repeats": 1, "channels": 16}
         # fp16 convolutions are reference kernels on the CPU (seconds a step): 1 step there; on CUDA up to 12.
-        return Scale(64, 64, 2, 1, {"neck": neck, "head": {"repeats": 1}}, {"neck": neck, "head": {"repeats": 1, "channels": 16}})
+        detector = {"neck": neck, "head": {"repeats": 1}}
+        return Scale(64, 64, 2, 1, detector, {"neck": neck, "head": {"repeats": 1, "channels": 16}})
     return Scale(256, 512, 2, 12, {}, {})
 
 
@@ -58,7 +59,8 @@ def make_model(scale: Scale) -> Callable[[str], nn.Module]:
     def make(kind: str) -> nn.Module:
         torch.manual_seed(0)
         if kind == "detector":
-            return densekit.create_model("efficientdet_d0", num_classes=3, image_size=[scale.image] * 2, **scale.detector)
+            size = [scale.image, scale.image]
+            return densekit.create_model("efficientdet_d0", num_classes=3, image_size=size, **scale.detector)
         return densekit.create_model("eseg_lite_s", num_classes=4, **scale.segmenter)
 
     return make

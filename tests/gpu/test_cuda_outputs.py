@@ -72,8 +72,8 @@ def test_detections_equal_the_cpus(
     device: torch.device, scale: Scale, make_model: Callable[[str], nn.Module], randomise: Callable
 ) -> None:
     """End to end (top-k, decoding, NMS): the device's detections are the CPU's. Float rounding can swap two
-    candidates that tie to 1e-6, so each detection is matched (same class, corners within 0.05 px, score within 1e-3) rather
-    than compared by position; all but 2% must match, and the counts must agree within 2%."""
+    candidates that tie to 1e-6, so each detection is matched (same class, corners within 0.05 px, score within
+    1e-3) rather than compared by position; all but 2% must match, and the counts must agree within 2%."""
     model = eval_model("detector", make_model, randomise)
     images = test_images("detector", scale)
     tame_head(model, images)

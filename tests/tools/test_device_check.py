@@ -33,7 +33,8 @@ def test_dry_run_passes_every_step_and_writes_one_report(tmp_path: Path) -> None
         result, summary = steps[name]["result"], steps[name]["summary"]
         assert result["device"] == "cpu" and result["iters"] == 1
         assert summary["network"]["fps"] > 0 and summary["end_to_end"]["fps"] > 0
-    assert steps["bench_d0_b8"]["result"]["batch_size"] == 2 and steps["bench_eseg_lite_s"]["result"]["image_size"] == [128, 256]
+    assert steps["bench_d0_b8"]["result"]["batch_size"] == 2
+    assert steps["bench_eseg_lite_s"]["result"]["image_size"] == [128, 256]
     # Every target is listed with its figure, and none is judged on the CPU.
     assert [(t["step"], t["mode"]) for t in report["targets"]] == [
         ("bench_d0_b1", "network"), ("bench_d0_b1", "end_to_end"), ("bench_eseg_lite_s", "network")]
