@@ -144,9 +144,11 @@ class Check:
                 step["returncode"] = proc.wait(timeout=timeout)
                 step["status"] = "ok" if step["returncode"] == 0 else "failed"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
                 step.update(status="timeout", reason=f"killed after {timeout:.0f} s")
+            finally:  # also when this driver is stopped: a child in its own session would outlive it
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         text = output.read_text(errors="replace")
         self.log.write(text)
         step["output_tail"] = text[-3000:]
@@ -370,6 +372,26 @@ def fetch_wheels(folder: Path, python_version: str = "3.12") -> int:
     return 1 if failed else 0
 
 
+class Stopped(Exception):
+    """The driver got SIGTERM."""
+
+
+def stopped(signum: int, frame: object) -> None:
+    raise Stopped
+
+
+def run_steps(check: Check, dry_run: bool) -> None:
+    install(check)
+    environment(check)
+    tests_gpu(check)
+    # The dry run times its first benchmark as the GPU run does (a process of its own), the others in one process.
+    for bench in BENCHES[:1] if dry_run else BENCHES:
+        benchmark(check, bench)
+    if dry_run:
+        benchmarks_in_one_process(check, BENCHES[1:])
+    judge_targets(check)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN", "") not in ("", "0"),
@@ -388,20 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check(args.out, args.dry_run, args.budget_s)
     check.say(f"densekit device check{' (dry run, CPU)' if args.dry_run else ''}: {args.out}")
-    install(check)
-    environment(check)
-    tests_gpu(check)
-    # The dry run times its first benchmark as the GPU run does (a process of its own), the others in one process.
-    for bench in BENCHES[:1] if args.dry_run else BENCHES:
-        benchmark(check, bench)
-    if args.dry_run:
-        benchmarks_in_one_process(check, BENCHES[1:])
-    judge_targets(check)
+    signal.signal(signal.SIGTERM, stopped)  # device_check.sh's overall timeout: end the step's processes, then save
+    try:
+        run_steps(check, args.dry_run)
+    except Stopped:
+        check.report["stopped"] = "SIGTERM (the overall timeout): the steps after the last recorded one did not run"
     check.report["finished"] = now()
     check.save()
     bad = [s["name"] for s in check.report["steps"] if s["status"] != "ok"]
-    check.say(f"\nsteps not ok: {', '.join(bad) or 'none'}; report {args.out / 'device_check.json'}")
-    return 1 if bad else 0
+    stop = f"; {check.report['stopped']}" if "stopped" in check.report else ""
+    check.say(f"\nsteps not ok: {', '.join(bad) or 'none'}{stop}; report {args.out / 'device_check.json'}")
+    return 1 if bad or "stopped" in check.report else 0
 
 
 if __name__ == "__main__":
