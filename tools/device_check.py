@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         check.report["stopped"] = "SIGTERM (the overall timeout): the steps after the last recorded one did not run"
     check.report["finished"] = now()
     check.save()
+    shutil.rmtree(check.work, ignore_errors=True)  # datasets, result files and outputs: all in the report now
     bad = [s["name"] for s in check.report["steps"] if s["status"] != "ok"]
     stop = f"; {check.report['stopped']}" if "stopped" in check.report else ""
     check.say(f"\nsteps not ok: {', '.join(bad) or 'none'}{stop}; report {args.out / 'device_check.json'}")
