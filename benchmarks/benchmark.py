@@ -2,10 +2,10 @@
 
 Usage::
 
-    python benchmarks/benchmark.py model=efficientdet_d0 bench.iters=30
-    python benchmarks/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true bench.output=d0.json
-    python benchmarks/benchmark.py model=efficientdet_d0 bench.compare=true bench.channels_last=true \
-        bench.fold_bn=true bench.compile=true
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.iters=30          # the optimised model (default)
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.optimize=false    # the model as built
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.compare=true bench.compile=false bench.output=d0.json
+    python benchmarks/benchmark.py model=efficientdet_d0 bench.device=cuda bench.precision=fp16 bench.batch_size=8
     python benchmarks/benchmark.py model=lraspp_mobilenet_v3_large image_size=[1024,2048] bench.compare=true
 
 Two modes are timed under ``torch.inference_mode`` after ``bench.warmup`` untimed calls:
@@ -22,10 +22,14 @@ both do the same work: effdet's ``EfficientDet`` / ``DetBenchPredict`` for Effic
 each iteration, so that a slow period of a shared machine hits every one of them alike.
 
 densekit's model goes through :func:`densekit.optimize_for_inference` with ``bench.fold_bn`` (BN folding),
-``bench.channels_last`` and ``bench.compile`` (torch.compile with inductor freezing). ``bench.channels_last`` applies
-to the reference too. With ``bench.compile=true`` and ``bench.compare=true`` the reference is timed twice, eager and
-compiled the same way (freezing), so one run gives both ratios. ``bench.precision=fp16|bf16`` runs every timed
-call, both sides, under ``torch.autocast``. A compile that fails is reported and the eager numbers still come out.
+``bench.channels_last`` and ``bench.compile`` (torch.compile with inductor freezing, in ``bench.compile_mode``).
+Left null, as by default, these and ``bench.cudnn_benchmark`` take the fastest configuration verified for the
+device (:data:`OPTIMIZED`) under ``bench.optimize=true`` (the default: what a user asking for FPS wants), and are off
+under ``bench.optimize=false`` (the model as built). ``bench.channels_last`` applies to the reference too. With
+``bench.compile=true`` and ``bench.compare=true`` the reference is timed twice, eager and compiled the same way
+(freezing), so one run gives both ratios. ``bench.precision=fp16|bf16`` runs every timed call, both sides, under
+``torch.autocast``. Every timed call is device-synchronised (:func:`benchmarks.timing.synchronizer`: CUDA's queue
+is drained before and after it). A compile that fails is reported and the eager numbers still come out.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
 import densekit  # noqa: E402
@@ -57,6 +61,7 @@ from benchmarks.timing import (  # noqa: E402
 )
 from densekit.config import image_size_arg, register_configs  # noqa: E402
 from densekit.deploy.optimize import compile_frozen  # noqa: E402
+from densekit.engine.distributed import resolve_device as engine_resolve_device  # noqa: E402
 from densekit.utils import count_macs, count_parameters, format_count  # noqa: E402
 
 MODES = ("network", "end_to_end")
@@ -66,20 +71,32 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # th
 def resolve_device(name: str) -> torch.device:
     """``bench.device`` as a usable device, or exit with a message saying why it is not."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        sys.exit(f"bench.device={name!r} is not a device; use cpu, cuda, cuda:N or mps")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit(f"bench.device={name!r}: CUDA is not available in this PyTorch build or on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            sys.exit(f"bench.device={name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            sys.exit(f"bench.device={name!r}: MPS is not available on this machine")
-    elif device.type != "cpu":
-        sys.exit(f"bench.device={name!r}: benchmarking supports cpu, cuda and mps")
-    return device
+        return engine_resolve_device(name)
+    except ValueError as err:
+        sys.exit(f"bench.{err}")
+
+
+#: What ``bench.optimize=true`` times where an option is left null: the fastest configuration verified on each
+#: device. CPU (docs/benchmarks.md): BN folding + channels_last + torch.compile with inductor freezing, e.g. D0 31 vs
+#: 40 ms optimised eager vs 86 ms as built. CUDA adds cuDNN's autotuner and CUDA graphs (compile mode
+#: reduce-overhead: at batch 1 a D0 forward is hundreds of small kernels, bound by their launches); tools/
+#: device_check.sh times it against the optimised eager model on the GPU. MPS: folding and channels_last only.
+OPTIMIZED: dict[str, dict[str, Any]] = {
+    "cpu": {"fold_bn": True, "channels_last": True, "compile": True},
+    "cuda": {"fold_bn": True, "channels_last": True, "compile": True, "compile_mode": "reduce-overhead",
+             "cudnn_benchmark": True},
+    "mps": {"fold_bn": True, "channels_last": True},
+}
+#: The options ``bench.optimize`` decides when null, and their values for the model as built.
+AS_BUILT: dict[str, Any] = {"fold_bn": False, "channels_last": False, "compile": False, "compile_mode": None,
+                            "cudnn_benchmark": False}
+
+
+def resolve_options(b: DictConfig, device: torch.device) -> DictConfig:
+    """``cfg.bench`` with every null option of :data:`AS_BUILT` decided: the device's :data:`OPTIMIZED` value under
+    ``bench.optimize=true``, the as-built one under ``bench.optimize=false``. An option given explicitly wins."""
+    chosen = {**AS_BUILT, **(OPTIMIZED.get(device.type, {}) if b.optimize else {})}
+    return OmegaConf.merge(b, {key: chosen[key] for key in AS_BUILT if b.get(key) is None})
 
 
 def run_settings(b: DictConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -95,6 +112,13 @@ def run_settings(b: DictConfig) -> tuple[torch.device, torch.dtype | None]:
     return device, PRECISIONS[str(b.precision)]
 
 
+def apply_device_settings(b: DictConfig, device: torch.device) -> None:
+    """Process-wide switches of the resolved ``bench``: cuDNN's autotuner (each convolution's fastest algorithm for
+    these shapes, chosen during the warm-up calls)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(b.cudnn_benchmark)
+
+
 def describe_run(
     b: DictConfig, model: nn.Module, size: tuple[int, int], device: torch.device, amp_dtype: torch.dtype | None
 ) -> dict[str, Any]:
@@ -108,9 +132,12 @@ def describe_run(
         "threads": torch.get_num_threads(),
         "batch_size": b.batch_size,
         "image_size": list(size),
+        "optimize": bool(b.optimize),
         "channels_last": bool(b.channels_last),
         "fold_bn": bool(b.fold_bn),
         "compile": bool(b.compile),
+        "compile_mode": b.compile_mode if b.compile else None,
+        "cudnn_benchmark": bool(b.cudnn_benchmark) if device.type == "cuda" else None,
         "precision": str(b.precision),
         "warmup": b.warmup,
         "iters": b.iters,
@@ -150,7 +177,7 @@ def reference_fns(
         f"{ref.label}/end_to_end": lambda: ref_e2e(ref_images),
     }
     if b.compile:
-        compiled = _compile_reference(ref, ref_net, ref_e2e, ref_images, amp, result["notes"])
+        compiled = _compile_reference(ref, ref_net, ref_e2e, ref_images, amp, result["notes"], b.compile_mode)
         if compiled is not None:
             c_net, c_e2e = compiled
             macs[f"{ref.label}+compile"] = macs[ref.label]
@@ -161,8 +188,9 @@ def reference_fns(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the benchmark described by ``cfg`` and return the results (the JSON written to ``bench.output``)."""
-    b = cfg.bench
-    device, amp_dtype = run_settings(b)
+    device, amp_dtype = run_settings(cfg.bench)
+    b = resolve_options(cfg.bench, device)
+    apply_device_settings(b, device)
     model = densekit.build_model(cfg.model).eval()
     try:
         size = image_size_arg(cfg.image_size, model.config.image_size)
@@ -176,11 +204,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     macs: dict[str, int] = {"densekit": count_macs(model, size)}
     fns = reference_fns(b, model, images, fmt, amp, result, macs) if b.compare else {}
     model = model.to(device, memory_format=fmt)
-    with warnings.catch_warnings(record=True) as caught:
+    # Under autocast as the timed calls run: compiling the example input outside it would compile a second graph
+    # (autocast is part of what dynamo guards on) at the first timed call.
+    with warnings.catch_warnings(record=True) as caught, amp():
         warnings.simplefilter("always", RuntimeWarning)
         model = densekit.optimize_for_inference(
             model, channels_last=bool(b.channels_last), fold_bn=bool(b.fold_bn), compile=bool(b.compile),
-            example_input=images if b.compile else None,
+            example_input=images if b.compile else None, compile_mode=b.compile_mode,
         )
     result["notes"] += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     result["densekit_compiled"] = bool(b.compile) and all(t in vars(model) for t in model.compile_targets())
@@ -218,7 +248,7 @@ def summarise(times: dict[str, list[float]], macs: dict[str, int], batch: int) -
 
 def _compile_reference(
     ref: ReferenceModel, network: nn.Module, end_to_end: nn.Module, images: torch.Tensor, amp: Callable,
-    notes: list[str],
+    notes: list[str], mode: str | None = None,
 ) -> tuple[nn.Module, nn.Module] | None:
     """The reference compiled with inductor freezing (compiled now), or None with a note on failure.
 
@@ -227,11 +257,11 @@ def _compile_reference(
     (torchvision's logits + argmax) is compiled whole, like densekit's segmenter ``predict_labels``.
     """
     try:
-        compiled_net = compile_frozen(network)
+        compiled_net = compile_frozen(network, mode=mode)
         if ref.end_to_end_on is not None:
             compiled = compiled_net, ref.end_to_end_on(compiled_net).to(images.device)
         else:
-            compiled = compiled_net, compile_frozen(end_to_end)
+            compiled = compiled_net, compile_frozen(end_to_end, mode=mode)
         with torch.inference_mode(), amp():
             for fn in compiled:
                 fn(images)
@@ -247,14 +277,18 @@ def report(r: dict[str, Any]) -> str:
     ref = r.get("reference")
     steps = [name for name, on in (("BN folded", r["fold_bn"]), ("channels_last", r["channels_last"])) if on]
     if r["compile"]:
-        steps.append("torch.compile (inductor freezing)" if r["densekit_compiled"] else "compile FAILED: eager")
+        mode = f", mode {r['compile_mode']}" if r.get("compile_mode") else ""
+        steps.append(f"torch.compile (inductor freezing{mode})" if r["densekit_compiled"] else "compile FAILED: eager")
+    if r.get("cudnn_benchmark"):
+        steps.append("cudnn.benchmark")
     versions = f"torch {r['torch']}" + (f", CUDA {r['cuda']}" if r.get("cuda") else "")
     lines = [
         f"device    {r['device']} ({r['device_name']}), {versions}",
         f"model     {r['model']}" + (f"  vs {ref['implementation']} {ref['model']}" if ref else ""),
         f"input     {r['batch_size']}x3x{h}x{w} {r['precision']}, "
         + ("channels_last" if r["channels_last"] else "contiguous (NCHW)"),
-        f"densekit  {', '.join(steps) if steps else 'as built (eager)'}",
+        f"densekit  {', '.join(steps) if steps else 'as built (eager)'}"
+        + ("" if r.get("optimize", True) else "  (bench.optimize=false)"),
         f"params    {r['params']:,}   MACs/image {format_count(r['macs_per_image'])}",
         f"timing    {r['warmup']} warm-up + {r['iters']} timed calls each, interleaved",
     ]

@@ -217,7 +217,7 @@ def benchmark_command(name: str, t: DictConfig) -> list[str]:
         f"bench.device={t.device}", f"bench.precision={t.precision}", "bench.fold_bn=true",
         "bench.channels_last=true", "bench.matmul_peak=false",
     ]
-    return cmd + (["bench.compile=true"] if t.compile else [])
+    return cmd + [f"bench.compile={str(bool(t.compile)).lower()}"]
 
 
 def benchmark_row(name: str, t: DictConfig) -> str:

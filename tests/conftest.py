@@ -127,3 +127,40 @@ def _write_custom_seg(root, num_train: int = 6, num_val: int = 3, size: tuple[in
 def custom_seg(tmp_path_factory):
     """Paths of a small custom segmentation dataset (see :func:`_write_custom_seg`)."""
     return _write_custom_seg(tmp_path_factory.mktemp("custom_seg"))
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every call that copies a tensor's data to the host (``.item()``, ``.tolist()``, ``.cpu()``,
+    ``.numpy()``, ``.to("cpu")``) of a tensor on another device than ``device`` says, while active.
+
+    ``device="any"`` records them on CPU tensors too, which lets a CPU test hold code to what it must do on a GPU.
+    """
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "to")
+
+    def __init__(self, device: str = "not-cpu") -> None:
+        super().__init__()
+        self.device = device
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES and args and isinstance(args[0], torch.Tensor) and self._watched(args[0]):
+            if name != "to" or self._to_host(args[1:], kwargs):
+                self.calls.append(name)
+        return func(*args, **kwargs)
+
+    def _watched(self, tensor: torch.Tensor) -> bool:
+        return self.device == "any" or tensor.device.type != "cpu"
+
+    @staticmethod
+    def _to_host(args: tuple, kwargs: dict) -> bool:
+        target = kwargs.get("device", args[0] if args else None)
+        return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
+
+
+@pytest.fixture
+def host_reads():
+    """``with host_reads(device="not-cpu") as reads: ...; reads.calls``: see :class:`HostReads`."""
+    return HostReads

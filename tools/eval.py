@@ -26,7 +26,7 @@ log = logging.getLogger("densekit.eval")
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    _, world_size, device = dist_utils.init_distributed()
+    _, world_size, device = dist_utils.init_distributed(str(cfg.device))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     task = get_task(cfg)
     dataset = task.build_dataset(cfg, cfg.data.split, train=False)

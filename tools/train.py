@@ -42,7 +42,7 @@ def init_backbone(model: torch.nn.Module, choice: str | None, backbone_name: str
 
 
 def train(cfg: DictConfig) -> dict:
-    rank, world_size, device = dist_utils.init_distributed()
+    rank, world_size, device = dist_utils.init_distributed(str(cfg.device))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg.train))
     torch.manual_seed(train_cfg.seed)

@@ -139,6 +139,7 @@ def optimize_for_inference(
     example_input: torch.Tensor | None = None,
     *,
     strict: bool = False,
+    compile_mode: str | None = None,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` rewritten for inference; ``model`` itself is left untouched.
 
@@ -157,6 +158,10 @@ def optimize_for_inference(
             the first real call. Without it compilation (and any failure) happens on the first call.
         strict: With ``compile``, raise if compiling ``example_input`` fails instead of warning and returning the
             uncompiled (but otherwise optimised) module.
+        compile_mode: With ``compile``, ``torch.compile``'s ``mode``: ``None`` (inductor's default),
+            ``"reduce-overhead"`` (CUDA graphs: one launch per call, for launch-bound small batches on a GPU; the
+            compiled outputs live in the graph's memory, which the next call overwrites: clone what you keep),
+            ``"max-autotune"`` (also benchmarks kernel choices while compiling: minutes, not seconds).
 
     Returns:
         The optimised copy, in eval mode. It is for inference only: folded BNs no longer train.
@@ -167,11 +172,11 @@ def optimize_for_inference(
     if channels_last:
         out = out.to(memory_format=torch.channels_last)
     if compile:
-        out = _compile(out, example_input, channels_last, strict)
+        out = _compile(out, example_input, channels_last, strict, compile_mode)
     return out
 
 
-def compile_frozen(fn: Callable) -> Callable:
+def compile_frozen(fn: Callable, mode: str | None = None) -> Callable:
     """``torch.compile(fn)`` with inductor freezing and static shapes, the configuration the benchmark times.
 
     Freezing turns weights into constants, so that inductor pre-packs convolution weights for oneDNN and fuses the
@@ -180,11 +185,12 @@ def compile_frozen(fn: Callable) -> Callable:
     would freeze every other model the process compiles. ``torch.compile(options={"freezing": True})`` is not
     enough: measured on LR-ASPP at 512x1024, it left unfused ``aten::mkldnn_convolution`` calls (74 ms) where
     this gives pre-packed, fused ``mkldnn::_convolution_pointwise`` (56 ms).
-    Calls must run without autograd (``torch.inference_mode`` / ``no_grad``), as freezing requires.
+    Calls must run without autograd (``torch.inference_mode`` / ``no_grad``), as freezing requires. ``mode`` is
+    ``torch.compile``'s (see :func:`optimize_for_inference`).
     """
     from torch._inductor import config
 
-    compiled = torch.compile(fn, dynamic=False)
+    compiled = torch.compile(fn, dynamic=False, mode=mode)
 
     def call(*args: object, **kwargs: object) -> object:
         with config.patch(freezing=True):
@@ -206,7 +212,9 @@ class FrozenCompiled(nn.Module):
         return self._call(*args, **kwargs)
 
 
-def _compile(model: nn.Module, example_input: torch.Tensor | None, channels_last: bool, strict: bool) -> nn.Module:
+def _compile(
+    model: nn.Module, example_input: torch.Tensor | None, channels_last: bool, strict: bool, mode: str | None = None
+) -> nn.Module:
     """``model`` with its network compiled, or ``model`` unchanged (with a warning) if compiling fails."""
     fallback = copy.deepcopy(model)  # compiling is in place; keep an untouched copy to return on failure
     targets = model.compile_targets() if hasattr(model, "compile_targets") else ()
@@ -214,9 +222,9 @@ def _compile(model: nn.Module, example_input: torch.Tensor | None, channels_last
         if targets:
             for name in targets:
                 # The class's own method bound to this model; the compiled function then shadows it on the instance.
-                setattr(model, name, compile_frozen(getattr(type(model), name).__get__(model)))
+                setattr(model, name, compile_frozen(getattr(type(model), name).__get__(model), mode))
         else:  # an instance attribute: the module stays a module, and nn.Module.__call__ finds it
-            model.forward = compile_frozen(model.forward)
+            model.forward = compile_frozen(model.forward, mode)
         if example_input is not None:
             x = example_input.contiguous(memory_format=torch.channels_last) if channels_last else example_input
             with torch.inference_mode():

@@ -32,12 +32,13 @@ __all__ = ["SkippableSampler", "Trainer", "TrainingDiverged"]
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` (None: full precision); fp16 needs a GPU (loss scaling)."""
+    """The autocast dtype of ``train.amp`` (None: full precision); fp16 comes with loss scaling (GradScaler)."""
     dtypes = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
     if amp not in dtypes:
         raise ValueError(f"train.amp must be one of none, fp16, bf16; got {amp!r}")
-    if dtypes[amp] is torch.float16 and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
+    if dtypes[amp] is torch.float16 and device.type == "cpu":
+        # It works (autocast and GradScaler exist on the CPU) but few CPUs have fast fp16: bf16 is the CPU's one.
+        log.warning("train.amp=fp16 on the CPU: correct but far slower than fp32; train.amp=bf16 is the fast choice")
     return dtypes[amp]
 
 
@@ -79,22 +80,24 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.device = device
         self.config_to_save = config_to_save or {}
-        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        # A process group (torchrun, or one the caller set up, even of one process) means DDP and, asked for, SyncBN.
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world_size = torch.distributed.get_world_size() if self.distributed else 1
         self.is_main = dist_utils.is_main_process()
 
         if cfg.freeze_backbone:
             for p in model.backbone.parameters():
                 p.requires_grad_(False)
-        if cfg.sync_bn and self.world_size > 1:
+        if cfg.sync_bn and self.distributed:
             if device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                model = dist_utils.convert_sync_batchnorm(model)
             else:
                 log.warning("train.sync_bn ignored: PyTorch's SyncBatchNorm runs on GPUs only")
         self.model = model.to(device)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if self.world_size > 1
+            if self.distributed
             else None
         )
 

@@ -46,7 +46,7 @@ def test_compares_with_effdet_and_writes_json(tmp_path: Path, run_benchmark: Cal
     output = tmp_path / "bench.json"
     proc = run_benchmark(
         "model=efficientdet_lite0", "bench.iters=2", "bench.warmup=1", "bench.compare=true", "bench.fold_bn=true",
-        "bench.channels_last=true", f"bench.output={output}",
+        "bench.channels_last=true", "bench.compile=false", f"bench.output={output}",
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(output.read_text())
@@ -64,11 +64,14 @@ def test_lraspp_compares_with_torchvision(tmp_path: Path, run_benchmark: Callabl
     output = tmp_path / "bench.json"
     proc = run_benchmark(
         "model=lraspp_mobilenet_v3_large", "image_size=[128,256]", "bench.iters=1", "bench.warmup=0",
-        "bench.compare=true", "bench.matmul_peak=false", f"bench.output={output}",
+        "bench.compare=true", "bench.matmul_peak=false", "bench.optimize=false", f"bench.output={output}",
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(output.read_text())
     assert result["reference"] == {"implementation": "torchvision", "model": "lraspp_mobilenet_v3_large"}
+    # bench.optimize=false: the model as built
+    assert not (result["optimize"] or result["fold_bn"] or result["channels_last"] or result["compile"])
+    assert "as built (eager)  (bench.optimize=false)" in proc.stdout
     assert "matmul_peak_gflops" not in result
     check_rows(result, ("densekit", "torchvision"))
 
@@ -124,3 +127,56 @@ def test_compile_times_the_reference_eager_and_compiled(tmp_path: Path, run_benc
     assert result["densekit_compiled"] and result["notes"] == []
     check_rows(result, ("densekit", "effdet", "effdet+compile"))
     assert "torch.compile (inductor freezing)" in proc.stdout and "densekit / effdet+compile" in proc.stdout
+
+
+def bench_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("benchmark", overrides=list(overrides)).bench
+
+
+@pytest.mark.parametrize(
+    "device,overrides,expected",
+    [
+        ("cpu", [], {"fold_bn": True, "channels_last": True, "compile": True, "compile_mode": None,
+                     "cudnn_benchmark": False}),
+        ("cuda", [], {"fold_bn": True, "channels_last": True, "compile": True, "compile_mode": "reduce-overhead",
+                      "cudnn_benchmark": True}),
+        ("cuda", ["bench.compile=false", "bench.compile_mode=max-autotune"],
+         {"fold_bn": True, "compile": False, "compile_mode": "max-autotune"}),
+        ("cuda", ["bench.optimize=false"], {"fold_bn": False, "channels_last": False, "compile": False,
+                                             "compile_mode": None, "cudnn_benchmark": False}),
+        ("cpu", ["bench.optimize=false", "bench.fold_bn=true"], {"fold_bn": True, "channels_last": False}),
+    ],
+    ids=["cpu-default", "cuda-default", "explicit-wins", "as-built", "as-built-plus-one"],
+)
+def test_optimize_times_the_devices_fastest_configuration_unless_told(
+    device: str, overrides: list[str], expected: dict
+) -> None:
+    """bench.optimize=true (default) fills every null option with the device's verified fastest setting; false
+    leaves them off; an option given on the command line wins either way. (Resolution only: no device needed.)"""
+    tool = importlib.import_module("benchmarks.benchmark")
+    resolved = tool.resolve_options(bench_cfg(*overrides), torch.device(device))
+    assert {key: resolved[key] for key in expected} == expected
+
+
+def test_compile_mode_reaches_torch_compile_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.compile_mode is torch.compile's mode for densekit's compile targets and for the compiled reference
+    (torch.compile recorded, not run: compiling takes minutes here)."""
+    tool = importlib.import_module("benchmarks.benchmark")
+    modes: list[object] = []
+
+    def recording(fn: object, **kwargs: object) -> object:
+        modes.append(kwargs.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("benchmark", overrides=[
+            "model=efficientdet_lite0", "image_size=128", "bench.iters=1", "bench.warmup=0", "bench.compare=true",
+            "bench.compile_mode=max-autotune", "bench.matmul_peak=false",
+        ])
+    result = tool.run(cfg)
+    assert result["compile"] and result["densekit_compiled"] and result["compile_mode"] == "max-autotune"
+    assert len(modes) == 2 and set(modes) == {"max-autotune"}  # densekit's network, effdet's network
+    assert "torch.compile (inductor freezing, mode max-autotune)" in tool.report(result)
+    assert tuple(result["results"]) == ("densekit", "effdet", "effdet+compile")

@@ -120,4 +120,4 @@ def test_a_failed_benchmark_run_is_a_row_that_says_why(run_script: Callable[...,
     assert done.returncode == 0, done.stderr[-3000:]
     row = cells(done.stdout.splitlines()[2])
     assert row[:7] == ["efficientdet_lite0"] + ["-"] * 6
-    assert row[7] == "failed: bench.device='tpu' is not a device; use cpu, cuda, cuda:N or mps"
+    assert row[7] == "failed: bench.device='tpu' is not a device; use auto, cpu, cuda, cuda:N or mps"

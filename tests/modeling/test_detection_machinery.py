@@ -218,3 +218,29 @@ def test_nan_or_inf_pixels_are_refused_naming_the_image(name: str) -> None:
     listed = [torch.rand(3, 64, 64), torch.full((3, 32, 32), float("inf"))]
     with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):  # a list is checked image by image
         model(listed)
+
+
+def test_gpu_path_of_postprocessing_copies_nothing_to_the_host_and_gives_the_cpu_result(
+    monkeypatch: pytest.MonkeyPatch, host_reads
+) -> None:
+    """On a GPU the top-k gathers the chosen anchors from the concatenated levels instead of reading the level split
+    points on the host (``split_on_host``). Forced here on the CPU: the detections must be the CPU path's exactly,
+    and no tensor data may be copied to the host (``.item()``, ``.tolist()``, ``.cpu()``, ...)."""
+    from densekit.modeling import postprocess
+
+    g = torch.Generator().manual_seed(0)
+    anchor_gen = AnchorGenerator(3, 5, 3, [(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)], 4.0)
+    anchors = anchor_gen((128, 128))
+    sizes = [16 * 16 * 9, 8 * 8 * 9, 4 * 4 * 9]  # P3-P5 anchors of a 128 px input
+    logits = torch.randn(2, anchors.shape[0], 6, generator=g) * 2
+    deltas = torch.randn(2, anchors.shape[0], 4, generator=g) * 0.1
+    levels = list(logits.split(sizes, 1))
+    post = DetectionPostprocessor(BoxCoder(), pre_nms_top_k=300, max_detections=50)
+    on_host = post(levels, deltas, anchors, [(128, 128), (100, 120)])
+    monkeypatch.setattr(postprocess, "split_on_host", lambda device: False)
+    with host_reads(device="any") as reads:
+        on_device = post(levels, deltas, anchors, [(128, 128), (100, 120)])
+    assert reads.calls == []
+    for a, b in zip(on_host, on_device):
+        assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels"))
+    assert len(on_host[0]["scores"]) == 50
