@@ -6,6 +6,8 @@ Recognised layouts, detected from the keys:
 * efficientdet-pytorch (effdet) ``EfficientDet`` state_dicts, TF-ported (``tf_efficientdet_*``) and native, with
   either of its head BatchNorm orders;
 * torchvision ``lraspp_mobilenet_v3_large`` state_dicts (``backbone.<N>.*``, ``classifier.*``);
+* AdvProp training checkpoints (``train.advprop``): their auxiliary BatchNorms (``*.aux.*``) are dropped when the
+  model has none, so evaluation and export load the main BatchNorms;
 * backbone-only checkpoints (timm, efficientnet_pytorch, torchvision MobileNetV3), loaded into ``model.backbone``
   through :meth:`~densekit.modeling.backbones.base.Backbone.load_weights`. The efficientnet_pytorch converter stays
   with the timm backbone (:mod:`densekit.modeling.backbones.efficientnet_pytorch`): it is read off the backbone's
@@ -15,13 +17,17 @@ Whatever the layout, loading is all-or-nothing (:func:`~densekit.checkpoint.io.l
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 import torch
 from torch import nn
 
+from ..modeling.dual_bn import strip_aux_bn_keys
 from .io import CheckpointError, load_state_dict_checked, read_state_dict
+
+log = logging.getLogger(__name__)
 
 
 def is_effdet_layout(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -98,6 +104,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load_state_dict_any(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load an in-memory state_dict of any recognised layout (see :func:`load_weights`)."""
+    # An AdvProp run's checkpoint also holds its auxiliary BNs; a plain model (evaluation, export) uses the main ones.
+    state_dict, dropped = strip_aux_bn_keys(model, state_dict)
+    if dropped:
+        log.info("%s: %d auxiliary (AdvProp) BatchNorm tensors ignored; the main BatchNorms are loaded", source, len(dropped))
     if is_effdet_layout(state_dict):
         state_dict = convert_effdet(state_dict, len(model.backbone.feature_specs))
         load_state_dict_checked(model, state_dict, f"{source} (efficientdet-pytorch layout)")

@@ -6,6 +6,7 @@ recognises (densekit, bare timm, efficientnet_pytorch, torchvision classificatio
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 import timm
 
 from ...checkpoint.io import read_state_dict
+from ...config import IMAGENET_MEAN, IMAGENET_STD
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
-from .timm_backbone import TimmBackbone, needs_image_size, unknown_backbone_message
+from .timm_backbone import TimmBackbone, named_weights_normalization, needs_image_size, unknown_backbone_message
 from .torchvision_backbone import TORCHVISION_BACKBONES, MobileNetV3Backbone
 
 __all__ = [
@@ -29,8 +31,12 @@ __all__ = [
     "is_efficientnet_pytorch_layout",
     "level_name",
     "list_backbones",
+    "named_weights_normalization",
     "needs_image_size",
+    "use_weights_normalization",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def create_backbone(
@@ -116,3 +122,20 @@ def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """
     torchvision_names = [n for n in TORCHVISION_BACKBONES if fnmatch.fnmatch(n, pattern)]
     return torchvision_names + list(timm.list_models(pattern, pretrained=pretrained))
+
+
+def use_weights_normalization(cfg: Any) -> None:
+    """Give a model config the input normalisation of the backbone weights its name selects, in place.
+
+    Applies when ``cfg.backbone.name`` names timm weights explicitly (:func:`named_weights_normalization`, e.g.
+    AdvProp's ``tf_efficientnet_b0.ap_in1k`` / ``tf_efficientnet_b0_ap``, trained on inputs in [-1, 1]) and the
+    config still holds the schema's ImageNet ``pixel_mean`` / ``pixel_std``: those are then replaced by the weights'
+    own (logged), and the resolved config (saved in checkpoints) records them. Any other normalisation in the
+    config is the user's choice and is kept.
+    """
+    stats = named_weights_normalization(str(cfg.backbone.name))
+    if stats is None or (list(cfg.pixel_mean), list(cfg.pixel_std)) != (IMAGENET_MEAN, IMAGENET_STD):
+        return
+    if stats != (IMAGENET_MEAN, IMAGENET_STD):
+        log.info("backbone %s: pixel_mean %s, pixel_std %s (the weights' own normalisation)", cfg.backbone.name, *stats)
+        cfg.pixel_mean, cfg.pixel_std = stats

@@ -35,6 +35,31 @@ def needs_image_size(name: str) -> bool:
     return timm.is_model(name) and is_model_in_modules(name.split(".", 1)[0], SIZED_MODULES)
 
 
+def named_weights_normalization(name: str) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` of the timm weights that ``name`` selects explicitly, or None.
+
+    A name selects weights explicitly with a pretrained tag (``tf_efficientnet_b0.ap_in1k``: AdvProp's ImageNet
+    weights, trained on inputs in [-1, 1]) or as one of timm's legacy aliases of a tagged name
+    (``tf_efficientnet_b0_ap``). An untagged architecture name selects nothing: its normalisation is the config's.
+    """
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    name = _current_name(name)
+    if not timm.is_model(name) or not split_model_name_tag(name)[1]:
+        return None
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.mean or not cfg.std:
+        return None
+    return [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+
+
+def _current_name(name: str) -> str:
+    """timm's current name for a deprecated alias (``tf_efficientnet_b0_ap`` -> ``tf_efficientnet_b0.ap_in1k``)."""
+    from timm.models import get_deprecated_models
+
+    return get_deprecated_models().get(name) or name
+
+
 def _build_size(name: str, image_size: Sequence[int] | int | None) -> tuple[int, int]:
     """``image_size`` as ``(H, W)`` for a size-bound model, refusing a missing size or one its stages cannot halve."""
     if image_size is None:
@@ -260,7 +285,7 @@ def _pretrained_source(name: str) -> tuple[str, bool]:
     """
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(name)
+    cfg = get_pretrained_cfg(_current_name(name))
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise ValueError(f"timm has no pretrained weights for {name!r}; use pretrained=False or weights=<file>")
     if cfg.file:
