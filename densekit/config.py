@@ -165,6 +165,11 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     backbone_weights: Optional[str] = "auto"  # auto | none | <path>: backbone init when no full checkpoint is given
+    # AdvProp (Xie et al. 2020): PGD adversarial copies of each batch through auxiliary BatchNorms, losses summed.
+    advprop: bool = False
+    advprop_steps: int = 1  # PGD iterations (paper: epsilon + 1, or 1 for epsilon 1)
+    advprop_epsilon: float = 1.0  # L-inf radius on the 0-255 pixel scale (paper: 1-4)
+    advprop_step_size: float = 1.0  # per iteration, 0-255 scale (paper: 1)
 
 
 def image_size_arg(value: Any, default: Sequence[int]) -> tuple[int, int]:

@@ -6,6 +6,8 @@ Recognised layouts, detected from the keys:
 * efficientdet-pytorch (effdet) ``EfficientDet`` state_dicts, TF-ported (``tf_efficientdet_*``) and native, with
   either of its head BatchNorm orders;
 * torchvision ``lraspp_mobilenet_v3_large`` state_dicts (``backbone.<N>.*``, ``classifier.*``);
+* AdvProp training checkpoints (``train.advprop``): their auxiliary BatchNorms (``*.aux.*``) are dropped when the
+  model has none, so evaluation and export load the main BatchNorms;
 * backbone-only checkpoints (timm, efficientnet_pytorch, torchvision MobileNetV3), loaded into ``model.backbone``
   through :meth:`~densekit.modeling.backbones.base.Backbone.load_weights`. The efficientnet_pytorch converter stays
   with the timm backbone (:mod:`densekit.modeling.backbones.efficientnet_pytorch`): it is read off the backbone's
@@ -15,14 +17,18 @@ Whatever the layout, loading is all-or-nothing (:func:`~densekit.checkpoint.io.l
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 import torch
 from torch import nn
 
+from ..modeling.dual_bn import strip_aux_bn_keys
 from .io import CheckpointError, load_state_dict_checked, read_state_dict
 from .zoo import resolve_weights
+
+log = logging.getLogger(__name__)
 
 
 def is_effdet_layout(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -104,7 +110,13 @@ def to_model_layout(
     model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
 ) -> tuple[dict[str, torch.Tensor], str] | None:
     """``state_dict`` renamed to ``model``'s keys and a description of its layout for messages, or ``None`` when it
-    holds no detector / segmenter keys at all (backbone-only weights, for ``model.backbone.load_weights``)."""
+    holds no detector / segmenter keys at all (backbone-only weights, for ``model.backbone.load_weights``).
+
+    An AdvProp run's checkpoint also holds its auxiliary BatchNorms; a plain model (evaluation, export, fine-tuning
+    without AdvProp) takes the main ones and the auxiliary tensors are left out here."""
+    state_dict, dropped = strip_aux_bn_keys(model, state_dict)
+    if dropped:
+        log.info("%s: %d auxiliary (AdvProp) BatchNorm tensors ignored; the main BatchNorms are loaded", source, len(dropped))
     if is_effdet_layout(state_dict):
         return convert_effdet(state_dict, len(model.backbone.feature_specs)), f"{source} (efficientdet-pytorch layout)"
     if is_torchvision_lraspp_layout(state_dict):

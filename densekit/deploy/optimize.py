@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..modeling.dual_bn import unwrap_dual_bn
 from ..modeling.heads.efficientdet import SharedConvTower
 from ..modeling.layers import SeparableConv2d
 
@@ -107,10 +108,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     """Fold, in place, every BatchNorm that directly follows a convolution into it; returns how many were folded.
 
     The model must be in eval mode (folding bakes in the running statistics). A conv used in more than one place
-    (shared weights) is only folded where its sharing is known, i.e. in :class:`SharedConvTower`.
+    (shared weights) is only folded where its sharing is known, i.e. in :class:`SharedConvTower`. AdvProp's dual
+    BatchNorms are first replaced by their main BNs (the inference ones; the auxiliary twins are dropped).
     """
     if model.training:
         raise ValueError("fold_batchnorm needs an eval-mode model: folding bakes in the BN running statistics")
+    unwrap_dual_bn(model)
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
@@ -167,6 +170,7 @@ def optimize_for_inference(
         The optimised copy, in eval mode. It is for inference only: folded BNs no longer train.
     """
     out = copy.deepcopy(model).eval()
+    unwrap_dual_bn(out)  # AdvProp's auxiliary BNs are for training only
     if fold_bn:
         fold_batchnorm(out)
     if channels_last:

@@ -2,7 +2,8 @@
 
 The trainer owns the step: forward, backward, optimiser (SGD with momentum or AdamW), linear warm-up + cosine /
 poly decay, mixed precision, gradient clipping, the EMA update, frozen-backbone fine-tuning,
-DistributedDataParallel (torchrun), and resume from ``checkpoints/last.pth``. Everything around the step
+DistributedDataParallel (torchrun), AdvProp (``train.advprop``: :mod:`densekit.engine.advprop`), and resume from
+``checkpoints/last.pth``. Everything around the step
 (checkpointing, evaluation, writers, progress, the NaN stop, timing) is a hook: see :mod:`densekit.engine.hooks`.
 The engine knows no task and imports nothing from ``data/``: mid-epoch resume asks the loader's sampler for
 :class:`SkippableSampler`.
@@ -21,7 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint.train_state import find_resume_checkpoint, load_checkpoint
 from ..config import TrainConfig
+from ..modeling.dual_bn import convert_to_dual_bn
 from . import distributed as dist_utils
+from .advprop import AdvProp
 from .ema import ModelEMA
 from .hooks import EvaluateFn, HookBase, TrainingDiverged, default_hooks
 from .schedule import warmup_cosine, warmup_poly
@@ -93,6 +96,10 @@ class Trainer:
                 model = dist_utils.convert_sync_batchnorm(model)
             else:
                 log.warning("train.sync_bn ignored: PyTorch's SyncBatchNorm runs on GPUs only")
+        # AdvProp's auxiliary BNs exist before the optimiser, the EMA copy and DDP see the model.
+        self.advprop = AdvProp.from_config(cfg) if cfg.advprop else None
+        if self.advprop:
+            log.info("train.advprop: %d BatchNorms get auxiliary twins for adversarial batches", convert_to_dual_bn(model))
         self.model = model.to(device)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.ddp = (
@@ -228,7 +235,11 @@ class Trainer:
         """One optimisation step on a batch: forward (autocast), backward (scaled), clip, step, schedule, EMA."""
         images, targets = self._to_device(images, targets)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            losses = (self.ddp or self.model)(images, targets)
+            forward = self.ddp or self.model
+            if self.advprop:  # clean + adversarial losses (adv_*), through the main and auxiliary BNs
+                losses = self.advprop.losses(self.model, forward, images, targets)
+            else:
+                losses = forward(images, targets)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

@@ -19,6 +19,7 @@ from . import detector, segmenter  # noqa: F401
 from ..checkpoint.convert import load_state_dict_any
 from ..checkpoint.finetune import load_for_finetuning
 from ..checkpoint.weights import read_model_weights
+from .backbones import use_weights_normalization
 from .registry import META_ARCHS
 
 #: The architecture of a config that does not say (a partial dict handed to :func:`build_model`).
@@ -48,15 +49,20 @@ def resolve_model_config(cfg: Any, source: str = "model config", arch: str | Non
         source: What the config came from, quoted in errors.
         arch: The architecture, when the caller knows it from elsewhere (a YAML's defaults list).
 
+    A backbone name that selects timm weights by tag (``tf_efficientnet_b0.ap_in1k``) brings their normalisation
+    when the config keeps the schema's ImageNet one (:func:`~densekit.modeling.backbones.use_weights_normalization`).
+
     Raises:
         ValueError: unknown architecture, unknown key or wrong type, naming the key and ``source``.
     """
     arch = arch or (cfg.get("arch") if hasattr(cfg, "get") else None) or DEFAULT_ARCH
     try:
         schema = META_ARCHS.get(arch).schema
-        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        resolved = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     except (ValueError, OmegaConfBaseException) as err:
         raise ValueError(f"{source}: {err}") from None
+    use_weights_normalization(resolved)  # e.g. AdvProp's `_ap` weights take inputs in [-1, 1]
+    return resolved
 
 
 def config_dir() -> Path:

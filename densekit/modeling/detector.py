@@ -102,7 +102,7 @@ class EfficientDet(DenseModel):
 
 def build_efficientdet(cfg: Any) -> EfficientDet:
     """Assemble an :class:`EfficientDet` from a resolved config (see :class:`densekit.config.EfficientDetConfig`)."""
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, image_size=cfg.image_size)
     neck = NECKS.get(cfg.neck.type)(cfg, backbone)
     anchors = AnchorGenerator(
         cfg.neck.min_level, cfg.neck.max_level, cfg.anchors.num_scales, cfg.anchors.aspect_ratios, cfg.anchors.anchor_scale

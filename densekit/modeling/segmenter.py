@@ -172,7 +172,7 @@ class Segmenter(DenseModel):
 def build_segmenter(cfg: Any) -> Segmenter:
     """Assemble a :class:`Segmenter` from a resolved config (see :class:`densekit.config.SegmenterConfig`)."""
     build_head = SEG_HEADS.get(cfg.head.type)  # before building anything: an unknown head fails fast
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, image_size=cfg.image_size)
     neck = NECKS.get(cfg.neck.type)(cfg, backbone) if cfg.neck is not None else None
     head = build_head(cfg, neck.out_channels if neck is not None else backbone.out_channels)
     loss = SegmentationLoss(cfg.ignore_index, cfg.loss.ohem, cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept)

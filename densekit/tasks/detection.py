@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.coco import CocoDetection, coco_paths
+from ..data.corruptions import corrupting
 from ..data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
 from ..config import image_size_arg
 from ..data.transforms import build_eval_transform, build_train_transform
@@ -72,7 +73,8 @@ def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, 
             image_size, scale_range=tuple(aug.scale_range), hflip=aug.hflip, color_jitter=aug.color_jitter, **fill_of(pixel_mean)
         )
         if train
-        else build_eval_transform(image_size, **fill_of(pixel_mean))
+        # Robustness evaluation: data.corruption (gaussian_noise | gaussian_blur) on the original eval images.
+        else corrupting(build_eval_transform(image_size, **fill_of(pixel_mean)), data_cfg)
     )
     return CocoDetection(image_dir, ann_file, transform=transform, train=train)
 

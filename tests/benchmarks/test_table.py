@@ -87,7 +87,7 @@ def test_segmentation_counts_only_and_the_default_rows() -> None:
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["table.models=[nope]"], "unknown model(s) nope; known: efficientdet_d0"),
+        (["table.models=[nope]"], "unknown model(s) nope; known: efficientdet_"),
         (["table=segmentation", "table.models=[efficientdet_d0]"], "unknown model(s) efficientdet_d0"),
         (["table=segmentation", "table.size=[1,2,3]"], "table.size: image_size must be an int or [H, W]"),
         (["table=benchmarks", "table.precision=fp8"], "choose one of fp32, fp16, bf16"),

@@ -92,7 +92,7 @@ def test_eseg_output_shape() -> None:
 def test_segmentation_zoo() -> None:
     sizes = ["s", "m", "l"]
     expected = ["lraspp_mobilenet_v3_large", "lraspp_mobilenet_v3_small"]
-    expected += [f"eseg_lite_{s}" for s in sizes] + [f"eseg_{s}" for s in sizes]
+    expected += [f"eseg_lite_{s}" for s in sizes] + [f"eseg_{s}" for s in sizes] + ["eseg_v2s"]
     assert sorted(SEG_MODELS) == sorted(expected)
     assert not set(SEG_MODELS) & set(densekit.list_models(arch="efficientdet"))
 

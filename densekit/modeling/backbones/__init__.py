@@ -6,6 +6,7 @@ recognises (densekit, bare timm, efficientnet_pytorch, torchvision classificatio
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 import timm
 
 from ...checkpoint.io import read_state_dict
+from ...config import IMAGENET_MEAN, IMAGENET_STD
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
-from .timm_backbone import TimmBackbone, unknown_backbone_message
+from .timm_backbone import TimmBackbone, named_weights_normalization, needs_image_size, unknown_backbone_message
 from .torchvision_backbone import TORCHVISION_BACKBONES, MobileNetV3Backbone
 
 __all__ = [
@@ -29,7 +31,12 @@ __all__ = [
     "is_efficientnet_pytorch_layout",
     "level_name",
     "list_backbones",
+    "named_weights_normalization",
+    "needs_image_size",
+    "use_weights_normalization",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def create_backbone(
@@ -37,6 +44,7 @@ def create_backbone(
     out_levels: Sequence[int] | None = None,
     weights: str | Path | None = None,
     pretrained: bool = False,
+    image_size: Sequence[int] | int | None = None,
     **kwargs: Any,
 ) -> Backbone:
     """Build a backbone by name and optionally load weights.
@@ -51,6 +59,9 @@ def create_backbone(
             (``_conv_stem``, ``_blocks.N``; converted), torchvision MobileNetV3 classification checkpoints.
         pretrained: Download the library's pretrained weights. Offline, this fails within seconds with a
             message suggesting ``weights=``. Mutually exclusive with ``weights``.
+        image_size: ``(H, W)`` the backbone will run at. Only the backbones whose attention tables are sized at
+            construction need it (CoAtNet / MaxViT, :func:`needs_image_size`; they then accept only that input
+            size); all others run at any size and ignore it.
         **kwargs: For MobileNetV3 ``dilated`` / ``reduced_tail``; for timm passed to ``timm.create_model``
             (e.g. ``drop_path_rate``).
 
@@ -66,7 +77,7 @@ def create_backbone(
         backbone = MobileNetV3Backbone(name, out_levels=out_levels, pretrained=pretrained, **kwargs)
     elif timm.is_model(name):
         levels = (3, 4, 5) if out_levels is None else out_levels
-        backbone = TimmBackbone(name, out_levels=levels, pretrained=pretrained, **kwargs)
+        backbone = TimmBackbone(name, out_levels=levels, pretrained=pretrained, image_size=image_size, **kwargs)
     else:
         raise ValueError(unknown_backbone_message(name, TORCHVISION_BACKBONES))
     if weights is not None:
@@ -78,11 +89,12 @@ def create_backbone(
 MOBILENET_OPTIONS = ("dilated", "reduced_tail", "stage_start_levels")
 
 
-def build_backbone(cfg: Any) -> Backbone:
+def build_backbone(cfg: Any, image_size: Sequence[int] | None = None) -> Backbone:
     """The backbone a model config's ``backbone`` node describes (:class:`densekit.config.BackboneConfig`).
 
     MobileNetV3 options go to torchvision's backbones, ``drop_path_rate`` to timm's; a MobileNetV3 option set on a
-    timm backbone is refused rather than silently dropped.
+    timm backbone is refused rather than silently dropped. ``image_size`` is the model's ``image_size``, which the
+    backbones that are built for one input size (CoAtNet) need; the others ignore it.
     """
     common: dict[str, Any] = dict(out_levels=tuple(cfg.out_levels), weights=cfg.weights, pretrained=cfg.pretrained)
     options = {key: cfg.get(key) for key in MOBILENET_OPTIONS if cfg.get(key)}
@@ -95,7 +107,8 @@ def build_backbone(cfg: Any) -> Backbone:
             f"backbone.{next(iter(options))} is a MobileNetV3 option ({', '.join(TORCHVISION_BACKBONES)}), "
             f"not for {cfg.name!r}"
         )
-    return create_backbone(cfg.name, drop_path_rate=cfg.drop_path_rate, **common)
+    size = tuple(image_size) if image_size is not None else None
+    return create_backbone(cfg.name, drop_path_rate=cfg.drop_path_rate, image_size=size, **common)
 
 
 def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[str]:
@@ -109,3 +122,20 @@ def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """
     torchvision_names = [n for n in TORCHVISION_BACKBONES if fnmatch.fnmatch(n, pattern)]
     return torchvision_names + list(timm.list_models(pattern, pretrained=pretrained))
+
+
+def use_weights_normalization(cfg: Any) -> None:
+    """Give a model config the input normalisation of the backbone weights its name selects, in place.
+
+    Applies when ``cfg.backbone.name`` names timm weights explicitly (:func:`named_weights_normalization`, e.g.
+    AdvProp's ``tf_efficientnet_b0.ap_in1k`` / ``tf_efficientnet_b0_ap``, trained on inputs in [-1, 1]) and the
+    config still holds the schema's ImageNet ``pixel_mean`` / ``pixel_std``: those are then replaced by the weights'
+    own (logged), and the resolved config (saved in checkpoints) records them. Any other normalisation in the
+    config is the user's choice and is kept.
+    """
+    stats = named_weights_normalization(str(cfg.backbone.name))
+    if stats is None or (list(cfg.pixel_mean), list(cfg.pixel_std)) != (IMAGENET_MEAN, IMAGENET_STD):
+        return
+    if stats != (IMAGENET_MEAN, IMAGENET_STD):
+        log.info("backbone %s: pixel_mean %s, pixel_std %s (the weights' own normalisation)", cfg.backbone.name, *stats)
+        cfg.pixel_mean, cfg.pixel_std = stats

@@ -2,10 +2,15 @@
 
 The timm model is kept, unmodified, as ``self.body``: its state_dict keys are exactly timm's features_only keys
 under ``body.``, which is what efficientdet-pytorch checkpoints map onto (``backbone.*`` -> ``backbone.body.*``).
+
+Most timm models run at any input size. CoAtNet, MaxViT and CoAtNeXt (timm's ``maxxvit`` module) do not: their
+relative-position tables are sized for one input at construction (``img_size=``), so this backbone builds them at
+the size the model is built for (``image_size``) and refuses any other input size with a message naming it.
 """
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +22,56 @@ from ._download import download_errors_explained, ensure_download_possible, hf_h
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
 
-_RESERVED_KWARGS = ("features_only", "out_indices", "pretrained")
+_RESERVED_KWARGS = ("features_only", "out_indices", "pretrained", "img_size")
+
+#: timm modules whose models size attention tables for one input at construction (CoAtNet, MaxViT, CoAtNeXt).
+SIZED_MODULES = ("maxxvit",)
+_REL_POS_TABLE = "relative_position_bias_table"
+
+
+def needs_image_size(name: str) -> bool:
+    """Whether timm model ``name`` must be built for its input size (``img_size``) and then only runs at that size."""
+    from timm.models import is_model_in_modules
+
+    return timm.is_model(name) and is_model_in_modules(name.split(".", 1)[0], SIZED_MODULES)
+
+
+def named_weights_normalization(name: str) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` of the timm weights that ``name`` selects explicitly, or None.
+
+    A name selects weights explicitly with a pretrained tag (``tf_efficientnet_b0.ap_in1k``: AdvProp's ImageNet
+    weights, trained on inputs in [-1, 1]) or as one of timm's legacy aliases of a tagged name
+    (``tf_efficientnet_b0_ap``). An untagged architecture name selects nothing: its normalisation is the config's.
+    """
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    name = _current_name(name)
+    if not timm.is_model(name) or not split_model_name_tag(name)[1]:
+        return None
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.mean or not cfg.std:
+        return None
+    return [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+
+
+def _current_name(name: str) -> str:
+    """timm's current name for a deprecated alias (``tf_efficientnet_b0_ap`` -> ``tf_efficientnet_b0.ap_in1k``)."""
+    from timm.models import get_deprecated_models
+
+    return get_deprecated_models().get(name) or name
+
+
+def _build_size(name: str, image_size: Sequence[int] | int | None) -> tuple[int, int]:
+    """``image_size`` as ``(H, W)`` for a size-bound model, refusing a missing size or one its stages cannot halve."""
+    if image_size is None:
+        raise ValueError(
+            f"{name!r} needs its input size at construction (its relative-position tables are sized for it): pass "
+            "image_size=(H, W), e.g. create_backbone(name, image_size=(512, 512)); models read it from model.image_size"
+        )
+    size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+    if len(size) != 2 or any(v <= 0 or v % 32 for v in size):
+        raise ValueError(f"{name!r} needs an image_size of two multiples of 32 (its stride), got {image_size!r}")
+    return size  # type: ignore[return-value]
 
 
 def unknown_backbone_message(name: str, extra_names: Iterable[str] = ()) -> str:
@@ -95,20 +149,36 @@ class TimmBackbone(Backbone):
         name: Any timm model name (optionally with a pretrained tag, ``"resnet50.a1_in1k"``).
         out_levels: Pyramid levels to return; level L has stride ``2**L``.
         pretrained: Download timm's pretrained weights (fails fast with a clear message when offline).
+        image_size: ``(H, W)`` (or one int) the backbone will run at. Used only by the models that must know it
+            at construction (:func:`needs_image_size`: CoAtNet, MaxViT), which then refuse other input sizes;
+            ignored by every other model.
         **timm_kwargs: Passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.2``).
 
     Raises:
-        ValueError: unknown model, no features_only support, or a requested level the model does not have.
+        ValueError: unknown model, no features_only support, a requested level the model does not have, or a
+            size-bound model without a usable ``image_size``.
     """
 
-    def __init__(self, name: str, out_levels: Sequence[int] = (3, 4, 5), pretrained: bool = False, **timm_kwargs: Any):
+    def __init__(
+        self,
+        name: str,
+        out_levels: Sequence[int] = (3, 4, 5),
+        pretrained: bool = False,
+        image_size: Sequence[int] | int | None = None,
+        **timm_kwargs: Any,
+    ):
         super().__init__()
         reserved = [k for k in _RESERVED_KWARGS if k in timm_kwargs]
         if reserved:
-            raise TypeError(f"TimmBackbone sets {reserved} itself; use out_levels / pretrained instead")
+            raise TypeError(f"TimmBackbone sets {reserved} itself; use out_levels / pretrained / image_size instead")
         if not timm.is_model(name):
             raise ValueError(unknown_backbone_message(name))
         self.name = name
+        #: The one input size a size-bound model accepts; None for models that run at any size.
+        self.input_size: tuple[int, int] | None = None
+        if needs_image_size(name):
+            self.input_size = _build_size(name, image_size)
+            timm_kwargs = {**timm_kwargs, "img_size": self.input_size}
         levels = _check_levels(out_levels)
         table = _feature_table(name, timm_kwargs)
         out_indices = _out_indices(name, table, levels)
@@ -131,6 +201,14 @@ class TimmBackbone(Backbone):
             raise RuntimeError(f"timm returned features {self.feature_specs} for requested levels {levels}")
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
+            h, w = self.input_size
+            raise ValueError(
+                f"backbone {self.name} was built for {h}x{w} inputs (its relative-position attention tables are "
+                f"sized at construction) but got {images.shape[-2]}x{images.shape[-1]} (after padding to a multiple "
+                f"of 32); resize the inputs to {h}x{w}, or build the model for this size: "
+                f"image_size=[{images.shape[-2]}, {images.shape[-1]}] (model.image_size=... on the command line)"
+            )
         feats = self.body(images)
         return {spec.name: f for spec, f in zip(self.feature_specs, feats)}
 
@@ -146,9 +224,12 @@ class TimmBackbone(Backbone):
         """
         ignored: list[str] = []
         if is_efficientnet_pytorch_layout(state_dict):
+            self._warn_if_not_tf_padded(source)
             state_dict = convert_efficientnet_pytorch(state_dict, self, source=source)
         elif not any(k.startswith("body.") for k in state_dict):
             state_dict, ignored = self._from_bare_timm(state_dict)
+        if self.input_size is not None:
+            state_dict = self._fit_rel_pos_tables(state_dict)
         try:
             load_state_dict_checked(self, state_dict, source)
         except CheckpointError as err:
@@ -156,6 +237,36 @@ class TimmBackbone(Backbone):
                 raise
             note = f"\n  ignored as not part of the features_only model ({len(ignored)}): {', '.join(ignored[:10])}"
             raise CheckpointError(f"{err}{note}") from None
+
+    def _warn_if_not_tf_padded(self, source: str) -> None:
+        """efficientnet_pytorch's weights are TensorFlow ports: they expect TF "same" padding (timm's ``tf_*``
+        models). The shapes fit a symmetric-padding model just as well, so only a warning can tell."""
+        from timm.layers import Conv2dSame
+
+        if any(isinstance(m, Conv2dSame) for m in self.body.modules()):
+            return
+        arch = self.name.split(".", 1)[0]
+        suggestion = f"tf_{arch}" if timm.is_model(f"tf_{arch}") else "the tf_ variant of this model"
+        warnings.warn(
+            f"{source} is in efficientnet_pytorch's layout (weights ported from TensorFlow, which expect TF 'same' "
+            f"padding), but backbone {self.name} pads symmetrically: the padding differs, so features shift and "
+            f"accuracy drops. Use {suggestion} (model.backbone.name={suggestion}).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _fit_rel_pos_tables(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Interpolate relative-position bias tables saved at another input size (e.g. timm's 224 px ImageNet
+        weights) to this backbone's, as timm does when it loads pretrained weights at another ``img_size``."""
+        from timm.layers import resize_rel_pos_bias_table
+
+        own = self.state_dict()
+        out = dict(state_dict)
+        for key, value in state_dict.items():
+            if key.endswith(_REL_POS_TABLE) and key in own and value.shape != own[key].shape:
+                module = self.get_submodule(key[: -len(_REL_POS_TABLE) - 1])
+                out[key] = resize_rel_pos_bias_table(value, new_window_size=module.window_size, new_bias_shape=own[key].shape)
+        return out
 
     def _from_bare_timm(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Map a timm classifier state_dict onto ``body.*``; returns it and the head keys left out."""
@@ -193,7 +304,7 @@ def _pretrained_source(name: str) -> tuple[str, bool]:
     """
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(name)
+    cfg = get_pretrained_cfg(_current_name(name))
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise ValueError(f"timm has no pretrained weights for {name!r}; use pretrained=False or weights=<file>")
     if cfg.file:
