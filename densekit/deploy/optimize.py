@@ -139,6 +139,9 @@ def optimize_for_inference(
     example_input: torch.Tensor | None = None,
     *,
     strict: bool = False,
+    precision: str = "fp32",
+    calibration: object = None,
+    **quantize_options: object,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` rewritten for inference; ``model`` itself is left untouched.
 
@@ -157,10 +160,20 @@ def optimize_for_inference(
             the first real call. Without it compilation (and any failure) happens on the first call.
         strict: With ``compile``, raise if compiling ``example_input`` fails instead of warning and returning the
             uncompiled (but otherwise optimised) module.
+        precision: ``"fp32"``, or ``"bf16"`` / ``"int8"`` for a densekit model: its network in bf16 autocast or
+            PT2E static int8 (BN folded, ``compile`` as above), post-processing in float;
+            see :func:`densekit.deploy.quantize.quantize`, which raises ``QuantizationError`` naming what cannot
+            be quantised (``model`` is untouched and still runs).
+        calibration: With ``precision="int8"``: the calibration images (a dataset, loader or tensors).
+        quantize_options: With bf16 / int8: ``num_images``, ``keep_float`` of :func:`~densekit.deploy.quantize.quantize`.
 
     Returns:
         The optimised copy, in eval mode. It is for inference only: folded BNs no longer train.
     """
+    if precision != "fp32":
+        from .quantize import quantize
+
+        return quantize(model, calibration, precision, compile=compile, **quantize_options)  # type: ignore[arg-type]
     out = copy.deepcopy(model).eval()
     if fold_bn:
         fold_batchnorm(out)
