@@ -29,7 +29,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-__all__ = ["PRECISIONS", "QuantizationError", "bf16_supported", "calibration_batches", "quantize", "save_quantized"]
+__all__ = [
+    "PRECISIONS", "QuantizationError", "bf16_supported", "calibration_batches", "calibration_set", "quantize",
+    "save_quantized",
+]
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -126,6 +129,15 @@ def calibration_batches(model: nn.Module, calibration: Any, num_images: int) -> 
     if not batches:
         raise ValueError("calibration is empty: int8 needs at least one image to measure activation ranges on")
     return batches
+
+
+def calibration_set(task: Any, cfg: Any, num_images: int) -> torch.utils.data.Dataset:
+    """The first ``num_images`` images of ``cfg.data``'s train split with the *eval* transform (the size and
+    normalisation the model sees at inference): what ``tools/eval.py`` / ``tools/quantize.py`` calibrate on.
+    Calibrating on the split that is scored would fit the ranges to the test images."""
+    split = cfg.data.get("train_split", "train")
+    dataset = task.build_dataset(cfg, split, train=False)
+    return torch.utils.data.Subset(dataset, range(min(int(num_images), len(dataset))))
 
 
 def _iterate(calibration: Any) -> Iterable[Any]:
