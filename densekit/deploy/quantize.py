@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 __all__ = [
-    "PRECISIONS", "QuantizationError", "bf16_supported", "calibration_batches", "calibration_set", "quantize",
-    "save_quantized",
+    "PRECISIONS", "QuantizationError", "bf16_supported", "calibration_batches", "calibration_set", "export_int8_onnx",
+    "quantize", "save_quantized",
 ]
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -279,3 +279,47 @@ def save_quantized(model: nn.Module, path: Any) -> list[str]:
     with atomic_write(path, "wb") as f:
         torch.export.save(program, f)
     return ["network"]
+
+
+def export_int8_onnx(model: nn.Module, path: Any, opset: int = 18, rtol: float = 5e-2) -> dict[str, float]:
+    """Export ``model``'s int8 ``network`` as a QDQ ONNX graph (``QuantizeLinear`` / ``DequantizeLinear`` around
+    float ``Conv``) and check it in onnxruntime against torch's quantise / dequantise graph.
+
+    torch's dynamo exporter translates PT2E's ``quantized_decomposed`` ops; the TorchScript exporter
+    (``dynamo=False``) cannot take an exported graph at all. Parity is the mean absolute difference over the mean
+    output magnitude, with onnxruntime's graph optimisations off (``exact``: the QDQ graph as written; must be
+    within ``rtol``, else ``QuantizationError`` and nothing is written) and on (``fused``: QDQ + Conv fused into
+    integer kernels). Not parity yet: on a tiny D0 with random weights and BN statistics the unfused mean difference
+    is ~2.4% (max ~3.4% of the largest output), on the same model without random BN statistics 5e-7; torch
+    quantises ``round(x * (1 / scale))`` and ONNX ``round(x / scale)``, but ties alone do not explain 2.4%, and
+    the cause is not yet found. ``max_*`` are the largest differences over the largest output magnitude.
+    """
+    import onnxruntime as ort
+
+    from ..checkpoint.io import atomic_write
+
+    target = vars(model).get("network")
+    if not isinstance(target, _Int8Target):
+        raise ValueError("export_int8_onnx needs a model returned by quantize(..., precision='int8')")
+    example = target.example
+    program = torch.export.export(target.graph, (example,))
+    data = torch.onnx.export(program, (example,), input_names=["images"], opset_version=opset, dynamo=True)
+    data = data.model_proto.SerializeToString()
+    with torch.no_grad():
+        ref = torch.utils._pytree.tree_leaves(target.graph(example))
+    scale = max(float(r.abs().max()) for r in ref) or 1.0
+    diffs: dict[str, float] = {}
+    for name, level in (("exact", ort.GraphOptimizationLevel.ORT_DISABLE_ALL), ("fused", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": example.numpy()})
+        pairs = [(torch.from_numpy(g), r) for g, r in zip(got, ref, strict=True)]
+        diffs[f"max_{name}"] = max(float((g - r).abs().max()) for g, r in pairs) / scale
+        diffs[name] = sum(float((g - r).abs().sum()) for g, r in pairs) / sum(float(r.abs().sum()) for _, r in pairs)
+    if diffs["exact"] > rtol:
+        raise QuantizationError(f"int8 ONNX export: onnxruntime's outputs differ from torch's by {diffs['exact']:.3g} "
+                                "(mean over the mean magnitude); nothing written")
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return diffs
