@@ -65,7 +65,8 @@ from densekit.engine.distributed import resolve_device as engine_resolve_device 
 from densekit.utils import count_macs, count_parameters, format_count  # noqa: E402
 
 MODES = ("network", "end_to_end")
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # the autocast dtype; None = no autocast
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": None}  # autocast dtype; None: none
+# int8: densekit's network quantised (densekit.deploy.quantize, calibrated on the timed input), no autocast.
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,6 +212,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model = densekit.optimize_for_inference(
             model, channels_last=bool(b.channels_last), fold_bn=bool(b.fold_bn), compile=bool(b.compile),
             example_input=images if b.compile else None, compile_mode=b.compile_mode,
+            **({"precision": "int8", "calibration": images} if b.precision == "int8" else {}),
         )
     result["notes"] += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     result["densekit_compiled"] = bool(b.compile) and all(t in vars(model) for t in model.compile_targets())

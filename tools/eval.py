@@ -2,6 +2,8 @@
 
 Segmentation: ``model=eseg_lite_s data=cityscapes weights=...`` prints mIoU and per-class IoU (``data.eval_scales``,
 ``data.eval_flip``; ``data.split=test`` or ``data.write_predictions=true`` writes labelId PNGs).
+``eval.precision=int8`` (calibrated on ``eval.calibration_images`` train-split images) or ``bf16`` scores the
+network in that precision (densekit.deploy.quantize; with ``eval.compile=true`` for the int8 / bf16 kernels).
 ``data.split=test-dev`` (no annotations) writes ``detections_test-dev2017_<model>_results.json`` and its zip for the
 COCO evaluation server. ``eval.visualize=N`` saves N images with predictions drawn. Outputs go to the run directory.
 """
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from densekit.checkpoint.io import atomic_write
 from densekit.config import register_configs
 from densekit.deploy.optimize import optimize_for_inference
+from densekit.deploy.quantize import calibration_set
 from densekit.engine import distributed as dist_utils
 from densekit.modeling.build import build_model, build_with_weights
 from densekit.tasks import get_task
@@ -38,9 +41,13 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
     task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
     model.to(device)
-    if cfg.eval.fold_bn or cfg.eval.channels_last or cfg.eval.compile:
+    precision = str(cfg.eval.precision)
+    if cfg.eval.fold_bn or cfg.eval.channels_last or cfg.eval.compile or precision != "fp32":
+        # int8 calibrates on train-split images (densekit.deploy.quantize.calibration_set), never on the scored split.
+        calibration = calibration_set(task, cfg, cfg.eval.calibration_images) if precision == "int8" else None
         model = optimize_for_inference(
-            model, channels_last=cfg.eval.channels_last, fold_bn=cfg.eval.fold_bn, compile=cfg.eval.compile
+            model, channels_last=cfg.eval.channels_last, fold_bn=cfg.eval.fold_bn, compile=cfg.eval.compile,
+            precision=precision, calibration=calibration, num_images=int(cfg.eval.calibration_images),
         )
     loader = task.build_loader(dataset, cfg.eval.batch_size, False, cfg.eval.num_workers, world_size > 1)
     log.info("evaluating %s (%s) on %s", cfg.model.name, what, dataset)

@@ -143,6 +143,9 @@ def optimize_for_inference(
     *,
     strict: bool = False,
     compile_mode: str | None = None,
+    precision: str = "fp32",
+    calibration: object = None,
+    **quantize_options: object,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` rewritten for inference; ``model`` itself is left untouched.
 
@@ -165,10 +168,20 @@ def optimize_for_inference(
             ``"reduce-overhead"`` (CUDA graphs: one launch per call, for launch-bound small batches on a GPU; the
             compiled outputs live in the graph's memory, which the next call overwrites: clone what you keep),
             ``"max-autotune"`` (also benchmarks kernel choices while compiling: minutes, not seconds).
+        precision: ``"fp32"``, or ``"bf16"`` / ``"int8"`` for a densekit model: its network in bf16 autocast or
+            PT2E static int8 (BN folded, ``compile`` as above), post-processing in float;
+            see :func:`densekit.deploy.quantize.quantize`, which raises ``QuantizationError`` naming what cannot
+            be quantised (``model`` is untouched and still runs).
+        calibration: With ``precision="int8"``: the calibration images (a dataset, loader or tensors).
+        quantize_options: With bf16 / int8: ``num_images``, ``keep_float`` of :func:`~densekit.deploy.quantize.quantize`.
 
     Returns:
         The optimised copy, in eval mode. It is for inference only: folded BNs no longer train.
     """
+    if precision != "fp32":
+        from .quantize import quantize
+
+        return quantize(model, calibration, precision, compile=compile, **quantize_options)  # type: ignore[arg-type]
     out = copy.deepcopy(model).eval()
     unwrap_dual_bn(out)  # AdvProp's auxiliary BNs are for training only
     if fold_bn:
