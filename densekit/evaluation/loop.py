@@ -71,13 +71,14 @@ def evaluate_detector(
     COCO table.
     """
     output_dir = Path(output_dir)
+    in_dataset = [c in dataset.coco.cats for c in label_map]  # labels the dataset has a category for
     class_names = [
-        dataset.coco.cats[c]["name"] if c in dataset.coco.cats else f"label {i} (not in the dataset)"
-        for i, c in enumerate(label_map)
+        dataset.coco.cats[c]["name"] if known else f"label {i} (not in the dataset)"
+        for i, (c, known) in enumerate(zip(label_map, in_dataset))
     ]
     evaluator = CocoEvaluator(dataset.coco, label_map, class_names, score_threshold=score_threshold)
     has_annotations = len(dataset.coco.getAnnIds()) > 0
-    with restrict_labels(model, [c in dataset.coco.cats for c in label_map]):
+    with restrict_labels(model, in_dataset):
         if has_annotations:
             metrics = run_inference(model, loader, evaluator, device, desc=f"eval {split}")
         else:
@@ -93,7 +94,7 @@ def evaluate_detector(
             json_path, zip_path = write_test_dev_submission(results, output_dir, model_name.replace("_", "-"))
             print(f"{len(results)} detections on {len(evaluator.image_ids)} images -> {zip_path} (upload this)")
         if visualize:
-            with restrict_labels(model, [c in dataset.coco.cats for c in label_map]):
+            with restrict_labels(model, in_dataset):
                 save_visualizations(model, dataset, visualize, output_dir / "vis", device, class_names)
     return metrics
 
