@@ -86,5 +86,11 @@ def all_finite(value: torch.Tensor) -> bool:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group, all ranks together.
+
+    The barrier first: a rank that tears gloo down while a peer is still using its connection can make the peer
+    abort at exit ("terminate called without an active exception", seen in CI).
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -13,7 +13,7 @@ from conftest import BoxesDataset, collate  # noqa: E402
 
 import densekit  # noqa: E402
 from densekit.config import TrainConfig  # noqa: E402
-from densekit.engine.distributed import init_distributed  # noqa: E402
+from densekit.engine.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from densekit.engine.trainer import Trainer  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main(out_dir: str) -> None:
         diff = (gathered[0] - gathered[1]).abs().max().item()
         print(f"RANKS_MAX_WEIGHT_DIFF {diff}")
         assert diff == 0.0, diff
-    dist.destroy_process_group()
+    cleanup_distributed()
 
 
 if __name__ == "__main__":
