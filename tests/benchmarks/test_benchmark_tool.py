@@ -113,6 +113,7 @@ def test_a_failed_compile_is_reported_and_eager_times_still_come_out(monkeypatch
     assert "compile FAILED" in tool.report(result)
 
 
+@pytest.mark.slow  # compiles two whole detectors: minutes on 2 cores
 def test_compile_times_the_reference_eager_and_compiled(tmp_path: Path, run_benchmark: Callable[..., subprocess.CompletedProcess]) -> None:
     """bench.compile=true: densekit compiled, and effdet timed both eager and compiled (inductor freezing) in the
     same run, with a ratio against each."""

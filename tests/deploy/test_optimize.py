@@ -149,6 +149,8 @@ def test_compile_failure_warns_and_returns_uncompiled(monkeypatch: pytest.Monkey
         densekit.optimize_for_inference(model, compile=True, example_input=x, strict=True)
 
 
+# Compiling takes about a minute per model on 2 cores: `make test-all` runs these (the failure path above stays in CI).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientdet_d0", "lraspp_mobilenet_v3_small"])
 def test_compiled_model_matches_eager(name: str, randomise) -> None:
     """torch.compile with inductor freezing, through the model's compile targets (normalisation + network, and the

@@ -16,6 +16,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RANKS_MAX_WEIGHT_DIFF 0.0" in proc.stdout
+    assert "RANK_DONE 0" in proc.stdout and "RANK_DONE 1" in proc.stdout  # both left the process group cleanly
     assert (tmp_path / "checkpoints" / "last.pth").is_file()  # written once, by rank 0
 
 
