@@ -88,6 +88,8 @@ class EfficientDetConfig:
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    # Recompute backbone stages and neck layers in the backward pass: less training memory (D6-D7x), more time.
+    grad_checkpoint: bool = False
 
 
 @dataclass
@@ -137,6 +139,8 @@ class SegmenterConfig:
     neck: Optional[NeckConfig] = field(default_factory=lambda: NeckConfig(max_level=9))  # null: head on the backbone
     head: SegHeadConfig = field(default_factory=SegHeadConfig)
     loss: SegLossConfig = field(default_factory=SegLossConfig)
+    # Recompute backbone stages and neck layers in the backward pass: less training memory (D6-D7x), more time.
+    grad_checkpoint: bool = False
 
 
 @dataclass

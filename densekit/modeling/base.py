@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import Backbone
+from .grad_checkpoint import guard_batchnorm_statistics
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,21 @@ class DenseModel(nn.Module):
         """Names of the methods marked with :func:`compile_target` (``network``, and for a segmenter
         ``predict_labels``): the functions :func:`densekit.optimize_for_inference` compiles."""
         return tuple(name for name in dir(cls) if getattr(getattr(cls, name, None), "is_compile_target", False))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``model.grad_checkpoint``: recompute the backbone's stages and the neck's layers in the backward pass
+        (training memory down, about one extra forward of them per step); same gradients and BN statistics.
+
+        Raises:
+            NotImplementedError: the backbone (or the neck) cannot do it; nothing is changed then.
+        """
+        if enable and self.neck is not None and not hasattr(self.neck, "grad_checkpointing"):
+            raise NotImplementedError(f"{type(self.neck).__name__} has no gradient checkpointing; use model.grad_checkpoint=false")
+        self.backbone.set_grad_checkpointing(enable)  # raises before anything changed where it cannot
+        if self.neck is not None:
+            self.neck.grad_checkpointing = enable
+        if enable:
+            guard_batchnorm_statistics(self)
 
     @property
     def num_classes(self) -> int:

@@ -103,7 +103,10 @@ def build_model(cfg: Any) -> nn.Module:
     """Build a model from a (possibly partial) model config, e.g. Hydra's ``cfg.model``; ``model.config`` is the
     resolved config."""
     cfg = resolve_model_config(cfg)
-    return META_ARCHS.get(cfg.arch).build(cfg)
+    model = META_ARCHS.get(cfg.arch).build(cfg)
+    if cfg.grad_checkpoint:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def create_model(name: str, num_classes: int | None = None, weights: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:

@@ -63,6 +63,11 @@ class Backbone(nn.Module):
         """
         raise NotImplementedError
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute this backbone's stages in the backward pass instead of keeping their activations
+        (``model.grad_checkpoint``, see :mod:`densekit.modeling.grad_checkpoint`); only in training with grad."""
+        raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing; use model.grad_checkpoint=false")
+
     @property
     def out_channels(self) -> list[int]:
         return [s.channels for s in self.feature_specs]

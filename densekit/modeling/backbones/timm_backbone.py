@@ -18,6 +18,7 @@ import timm
 import torch
 
 from ...checkpoint.io import CheckpointError, load_state_dict_checked
+from ..grad_checkpoint import full_recomputation
 from ._download import download_errors_explained, ensure_download_possible, hf_hub_cached, torch_hub_cached
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
@@ -192,6 +193,7 @@ class TimmBackbone(Backbone):
         else:
             self.body = timm.create_model(name, pretrained=False, **build_kwargs)
 
+        self.grad_checkpointing = False
         info = self.body.feature_info
         self.feature_specs = [
             FeatureSpec(level_name(lvl), int(stride), int(ch))
@@ -209,8 +211,20 @@ class TimmBackbone(Backbone):
                 f"of 32); resize the inputs to {h}x{w}, or build the model for this size: "
                 f"image_size=[{images.shape[-2]}, {images.shape[-1]}] (model.image_size=... on the command line)"
             )
-        feats = self.body(images)
+        if self.grad_checkpointing and self.training:
+            with full_recomputation():  # timm's own checkpoints (set_grad_checkpointing) recompute to the end
+                feats = self.body(images)
+        else:
+            feats = self.body(images)
         return {spec.name: f for spec, f in zip(self.feature_specs, feats)}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's own: every stage (EfficientNet ``blocks.N``; a features_only wrapper's modules but its first and
+        last) is recomputed in the backward pass, non-reentrant."""
+        if not hasattr(self.body, "set_grad_checkpointing"):
+            raise NotImplementedError(f"timm's features_only {self.name} has no gradient checkpointing; use model.grad_checkpoint=false")
+        self.body.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load weights in any layout this backbone recognises, all-or-nothing.

@@ -19,6 +19,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from ...checkpoint.io import CheckpointError, load_state_dict_checked
+from ..grad_checkpoint import checkpointed
 from ._download import download_errors_explained, ensure_download_possible, torch_hub_cached
 from .base import Backbone, FeatureSpec, level_name
 
@@ -111,13 +112,19 @@ class MobileNetV3Backbone(Backbone):
             FeatureSpec(level_name(lvl), table[i][0], table[i][1]) for lvl, i in zip(levels, self._indices)
         ]
         self.dilated = dilated
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every ``features[i]`` block in the backward pass (each is one inverted-residual block)."""
+        self.grad_checkpointing = enable
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         wanted = {index: spec.name for index, spec in zip(self._indices, self.feature_specs)}
         out: dict[str, torch.Tensor] = {}
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         x = images
         for index, layer in enumerate(self.features):
-            x = layer(x)
+            x = checkpointed(layer, x) if recompute else layer(x)
             if index in wanted:
                 out[wanted[index]] = x
         return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone
+from ..grad_checkpoint import checkpointed
 from ..registry import NECKS
 from ..layers import ConvNorm, SeparableConv2d, create_act, create_downsample, create_norm, glorot_uniform_
 
@@ -196,6 +197,7 @@ class BiFPN(nn.Module):
                 BiFPNLayer(level_channels, min_level, max_level, channels, fusion=fusion, act=act, tf_padding=tf_padding, **norm)
             )
             level_channels = [channels] * num_levels
+        self.grad_checkpointing = False  # model.grad_checkpoint: recompute each BiFPN layer in the backward pass
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -218,8 +220,9 @@ class BiFPN(nn.Module):
         features = list(features)
         for extra in self.extra_levels:
             features.append(extra(features[-1]))
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            features = layer(features)
+            features = checkpointed(layer, features) if recompute else layer(features)
         return features
 
 
