@@ -45,6 +45,12 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return dtypes[amp]
 
 
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor in the default (NCHW) layout: a checkpoint of a channels_last run (train.channels_last)
+    is the same file as any other, for tools that reshape its tensors."""
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 @runtime_checkable
 class SkippableSampler(Protocol):
     """A sampler that can start its next pass after the first ``count`` indices without yielding them, so that a
@@ -101,6 +107,9 @@ class Trainer:
         if self.advprop:
             log.info("train.advprop: %d BatchNorms get auxiliary twins for adversarial batches", convert_to_dual_bn(model))
         self.model = model.to(device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:  # before the EMA copy and DDP: both then share the layout
+            self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -158,12 +167,13 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def state_dict(self) -> dict[str, Any]:
+        ema = self.ema.state_dict() if self.ema else None
         return {
-            "model": self.model.state_dict(),
+            "model": _contiguous(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "ema": {**ema, "module": _contiguous(ema["module"])} if ema else None,
             "step": self.step,
             "total_steps": self.total_steps,
             "config": self.config_to_save,
@@ -209,7 +219,7 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def _to_device(self, images: torch.Tensor, targets: list[dict[str, Any]]):
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         return images, targets
 

@@ -49,7 +49,8 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _advprop_cfg(**overrides) -> TrainConfig:
     base = dict(batch_size=2, max_steps=2, lr=0.01, warmup_epochs=0.0, checkpoint_every=2, ema_decay=0.9, log_every=1,
-                num_workers=0, advprop=True, advprop_steps=2, advprop_epsilon=4.0, advprop_step_size=2.0)
+                num_workers=0, advprop=True, advprop_steps=2, advprop_epsilon=4.0, advprop_step_size=2.0,
+                channels_last=False)  # the references below run NCHW; these tests compare BN statistics exactly
     return TrainConfig(**{**base, **overrides})
 
 

@@ -150,3 +150,30 @@ def test_mid_epoch_resume_continues_the_epoch_without_loading_the_seen_images(tm
     assert resumed == full[7:10]
     assert len(reads) == 6  # 3 batches of 2: the epoch's first 2 batches were never loaded
     assert full[:5] != full[5:10]  # epochs are shuffled differently, so the comparison means something
+
+
+def test_channels_last_training_computes_what_nchw_training_does(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
+    """train.channels_last (the default): NHWC weights and batches, the same loss and the same weights after the
+    update (up to the float rounding of other convolution kernels), and checkpoints in the usual NCHW layout."""
+    import copy
+
+    train_cfg.max_steps, train_cfg.checkpoint_every, train_cfg.ema_decay = 1, 1, 0.0
+    runs = {}
+    for channels_last in (False, True):
+        train_cfg.channels_last = channels_last
+        model = copy.deepcopy(tiny_model)
+        torch.manual_seed(0)  # the same drop-path masks in both runs
+        trainer = Trainer(model, tiny_loader, train_cfg, tmp_path / str(channels_last), torch.device("cpu"))
+        trainer.train()
+        conv = model.backbone.body.conv_stem.weight  # [32, 3, 3, 3]: the two layouts differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        runs[channels_last] = (model.state_dict(), trainer.loss)
+    (nchw, nchw_loss), (nhwc, nhwc_loss) = runs[False], runs[True]
+    torch.testing.assert_close(nhwc_loss, nchw_loss, rtol=1e-5, atol=0)
+    initial = tiny_model.state_dict()
+    updates = {k: (v - initial[k], nhwc[k] - initial[k]) for k, v in nchw.items() if v.is_floating_point()}
+    floor = 1e-3 * max(u.abs().max().item() for u, _ in updates.values())  # updates ~0 are float noise either way
+    for key, (update, nhwc_update) in updates.items():  # gradients and BN statistics agree, relative to their size
+        assert (nhwc_update - update).abs().max().item() <= 1e-2 * max(update.abs().max().item(), floor), key
+    saved = ckpt.load_checkpoint(tmp_path / "True" / "checkpoints" / "last.pth")
+    assert all(t.is_contiguous() for t in saved["model"].values())
