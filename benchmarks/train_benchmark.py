@@ -1,15 +1,22 @@
 """Training throughput: one optimisation step of densekit vs effdet's ``DetBenchTrain``, and the data loader.
 
     python benchmarks/train_benchmark.py model=efficientdet_d0 bench.batch_size=4 bench.image_size=512
+    python benchmarks/train_benchmark.py model=efficientdet_d7x bench.batch_size=1 bench.image_size=768 \
+        bench.compare=false bench.grad_checkpoint=true bench.peak_memory=true bench.loader_images=0
 
 A step is forward (with target assignment and loss), backward and an SGD update. With ``bench.compare=true`` effdet's
-model gets densekit's weights and the same batch (boxes converted to its yxyx, 1-based format) and the two steps are
-timed in turn. The loader is timed on the configured ``data`` (default: the synthetic set) with the train transform
+model gets densekit's weights and the same batch (boxes converted to its yxyx, 1-based format) and the steps are
+timed in turn. Each of ``bench.layouts`` (``nchw``, ``channels_last``: weights and batch NHWC, as
+``train.channels_last``) times both implementations; ``bench.grad_checkpoint=true`` adds densekit with
+``model.grad_checkpoint``. ``bench.peak_memory=true`` runs one step of each row again in a fresh process and
+reports how far the step raised its peak resident memory above the built models'. The loader is timed on the configured ``data`` (default: the synthetic set) with the train transform
 at the same resolution, for each ``bench.num_workers``; if it delivers far more images/s than a step consumes, the
 loader is not the bottleneck.
 """
 from __future__ import annotations
 
+import multiprocessing
+import resource
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -57,14 +64,16 @@ def step_fn(loss_fn: Callable[[], torch.Tensor], params: Iterable[torch.nn.Param
 
 
 def effdet_step(
-    model: torch.nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+    model: torch.nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]],
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[Callable[[], None], str]:
-    """effdet's ``DetBenchTrain`` step on the same batch, with ``model``'s weights (loaded into ``model``), and the
-    effdet model's name; exits with the reason when ``model`` has no effdet twin."""
+    """effdet's ``DetBenchTrain`` step on the same batch, with ``model``'s weights (loaded into ``model``) stored in
+    ``memory_format``, and the effdet model's name; exits with the reason when ``model`` has no effdet twin."""
     try:
         bench, name = effdet_train_twin(model, tuple(images.shape[-2:]))
     except NoReferenceError as err:
         sys.exit(f"bench.compare=true: {err}")
+    bench.model.to(memory_format=memory_format)
     normalised = (images - model.pixel_mean) / model.pixel_std
     target = effdet_targets(targets)
     return step_fn(lambda: bench(normalised, target)["loss"], bench.model.parameters()), name
@@ -102,26 +111,64 @@ def time_loader(cfg: DictConfig, size: int) -> dict[str, float]:
     return out
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def build_steps(cfg: DictConfig) -> tuple[dict[str, Callable[[], None]], str | None]:
+    """One step function per row (``densekit``, ``effdet``, ``+cl`` for channels_last, ``densekit+ckpt``), each with
+    its own copy of the same weights, and the effdet model's name (None without ``bench.compare``)."""
+    size, batch = int(cfg.bench.image_size), int(cfg.bench.batch_size)
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    fns: dict[str, Callable[[], None]] = {}
+    ref_name = None
+    variants = [(layout, False) for layout in cfg.bench.layouts] + ([("nchw", True)] if cfg.bench.grad_checkpoint else [])
+    for layout, checkpointing in variants:
+        if layout not in LAYOUTS:
+            sys.exit(f"bench.layouts: {layout!r} is not one of {', '.join(LAYOUTS)}")
+        torch.manual_seed(0)  # every row starts from the same weights
+        model_cfg = OmegaConf.merge(cfg.model, {"image_size": [size, size], "grad_checkpoint": checkpointing})
+        model = build_model(model_cfg).train().to(memory_format=LAYOUTS[layout])
+        x = images.contiguous(memory_format=LAYOUTS[layout])
+        targets = random_targets(batch, size, cfg.bench.boxes_per_image, model.num_classes)
+        suffix = "+ckpt" if checkpointing else "+cl" if layout == "channels_last" else ""
+        if cfg.bench.compare and not checkpointing:
+            fns["effdet" + suffix], ref_name = effdet_step(model, x, targets, LAYOUTS[layout])
+        fns["densekit" + suffix] = step_fn(lambda m=model, x=x, t=targets: sum(m(x, t).values()), model.parameters())
+    return fns, ref_name
+
+
+def _peak_step_mib(cfg_yaml: str, row: str) -> float:
+    """In a fresh process: MiB by which one step of ``row`` raises the peak resident memory above the built models'."""
+    cfg = OmegaConf.create(cfg_yaml)
+    fns, _ = build_steps(cfg)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    fns[row]()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def peak_memory(cfg: DictConfig, rows: Iterable[str]) -> dict[str, float]:
+    """:func:`_peak_step_mib` of every row, each in its own spawned process (a process's peak never goes down)."""
+    cfg_yaml = OmegaConf.to_yaml(cfg)
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return {row: pool.apply(_peak_step_mib, (cfg_yaml, row)) for row in rows}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Time the training steps and the loader as ``cfg.bench`` says; returns the results (the JSON written)."""
     if cfg.bench.threads:
         torch.set_num_threads(int(cfg.bench.threads))
     size, batch = int(cfg.bench.image_size), int(cfg.bench.batch_size)
-    model = build_model(OmegaConf.merge(cfg.model, {"image_size": [size, size]})).train()
-    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    targets = random_targets(batch, size, cfg.bench.boxes_per_image, model.num_classes)
-    fns: dict[str, Callable[[], None]] = {}
-    ref_name = None
-    if cfg.bench.compare:
-        fns["effdet"], ref_name = effdet_step(model, images, targets)
-    fns["densekit"] = step_fn(lambda: sum(model(images, targets).values()), model.parameters())
+    fns, ref_name = build_steps(cfg)
     times = time_interleaved(fns, cfg.bench.warmup, cfg.bench.iters, NO_SYNC)
     result = {
         "model": cfg.model.name, "effdet": ref_name, "device": device_description(torch.device("cpu")),
         "torch": torch.__version__, "batch_size": batch, "image_size": size,
         "train_step": {k: stats(v, batch) for k, v in times.items()},
-        "loader_images_per_s": time_loader(cfg, size),
+        "loader_images_per_s": time_loader(cfg, size) if cfg.bench.loader_images else {},
     }
+    if cfg.bench.peak_memory:
+        del fns  # the rows' models and activations are not this process's to keep while the children run
+        result["peak_step_mib"] = peak_memory(cfg, result["train_step"])
     return result
 
 
@@ -129,11 +176,18 @@ def report(r: dict[str, Any]) -> str:
     """The printed form of :func:`run`'s results."""
     lines = [f"{r['model']} training step, batch {r['batch_size']} at {r['image_size']} px, {r['device']}, torch {r['torch']}"]
     for name, s in r["train_step"].items():
-        lines.append(f"  {name:9s} step mean {s['mean_ms']:8.1f} ms  median {s['median_ms']:8.1f} ms  p90 {s['p90_ms']:8.1f} ms  "
+        lines.append(f"  {name:14s} step mean {s['mean_ms']:8.1f} ms  median {s['median_ms']:8.1f} ms  p90 {s['p90_ms']:8.1f} ms  "
                      f"{s['fps']:6.2f} images/s")
-    if "effdet" in r["train_step"]:
-        ratio = r["train_step"]["densekit"]["median_ms"] / r["train_step"]["effdet"]["median_ms"]
-        lines.append(f"  densekit / effdet (median): {ratio:.3f}")
+    steps = r["train_step"]
+    for suffix, what in (("", "NCHW"), ("+cl", "channels_last")):
+        if "effdet" + suffix in steps and "densekit" + suffix in steps:
+            ratio = steps["densekit" + suffix]["median_ms"] / steps["effdet" + suffix]["median_ms"]
+            lines.append(f"  densekit{suffix} / effdet{suffix} (median, both {what}): {ratio:.3f}")
+    if "densekit+cl" in steps and "effdet" in steps:
+        ratio = steps["densekit+cl"]["median_ms"] / steps["effdet"]["median_ms"]
+        lines.append(f"  densekit+cl / effdet (median; densekit's training default vs effdet as it ships): {ratio:.3f}")
+    for row, mib in r.get("peak_step_mib", {}).items():
+        lines.append(f"  {row:14s} step raises peak memory by {mib:8.0f} MiB")
     for k, v in r["loader_images_per_s"].items():
         lines.append(f"  loader ({k}, train transform): {v:8.1f} images/s")
     return "\n".join(lines)

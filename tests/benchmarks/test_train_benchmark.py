@@ -22,10 +22,27 @@ def test_train_benchmark_times_both_implementations(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["train_step"]) == {"densekit", "effdet"}
+    assert set(result["train_step"]) == {"densekit", "effdet", "densekit+cl", "effdet+cl"}  # both layouts, both sides
     assert all(s["median_ms"] > 0 for s in result["train_step"].values())
     assert result["loader_images_per_s"]["num_workers=0"] > 0
-    assert "densekit / effdet (median)" in done.stdout and "loader (num_workers=0, train transform)" in done.stdout
+    assert "densekit / effdet (median, both NCHW)" in done.stdout and "loader (num_workers=0, train transform)" in done.stdout
+    assert "densekit+cl / effdet+cl (median, both channels_last)" in done.stdout
+
+
+def test_train_benchmark_reports_the_peak_memory_of_a_checkpointed_step(
+    tmp_path: Path, run_script: Callable[..., subprocess.CompletedProcess]
+) -> None:
+    out = tmp_path / "train_bench.json"
+    done = run_script(
+        "train_benchmark.py", "model=efficientdet_lite0", "bench.image_size=128", "bench.batch_size=2", "bench.iters=1",
+        "bench.warmup=0", "bench.compare=false", "bench.layouts=[nchw]", "bench.grad_checkpoint=true",
+        "bench.peak_memory=true", "bench.loader_images=0", f"bench.output={out}", env={"OMP_NUM_THREADS": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["train_step"]) == set(result["peak_step_mib"]) == {"densekit", "densekit+ckpt"}
+    assert result["loader_images_per_s"] == {}
+    assert "densekit+ckpt  step raises peak memory by" in done.stdout
 
 
 def test_train_benchmark_refuses_a_model_without_an_effdet_twin(
