@@ -171,6 +171,11 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     backbone_weights: Optional[str] = "auto"  # auto | none | <path>: backbone init when no full checkpoint is given
+    # Progressive learning (EfficientNetV2): N stages of equal epochs, image size and scale jitter growing to the full
+    # ones (densekit/data/progressive.py); 1: every epoch at the full size.
+    progressive_stages: int = 1
+    progressive_min_size: float = 0.6  # the first stage's image (or crop) size, as a fraction of the full one
+    progressive_min_jitter: float = 0.5  # the first stage's scale-jitter half-width, as a fraction of the full one
     # AdvProp (Xie et al. 2020): PGD adversarial copies of each batch through auxiliary BatchNorms, losses summed.
     advprop: bool = False
     advprop_steps: int = 1  # PGD iterations (paper: epsilon + 1, or 1 for epsilon 1)

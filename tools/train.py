@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -24,7 +25,9 @@ from densekit.engine import distributed as dist_utils
 from densekit.engine.trainer import TrainConfig, Trainer
 from densekit.modeling.backbones.packaged_weights import packaged_weights
 from densekit.modeling.build import build_model
+from densekit.data.progressive import StagedLoader, plan_stages
 from densekit.tasks import get_task
+from densekit.tasks.base import Task
 
 log = logging.getLogger("densekit.train")
 
@@ -39,6 +42,34 @@ def init_backbone(model: torch.nn.Module, choice: str | None, backbone_name: str
         return "random init (no packaged weights)"
     model.backbone.load_weights(read_state_dict(path), source=f"backbone weights {path}")
     return str(path)
+
+
+def build_train_loader(
+    cfg: DictConfig, task: Task, train_cfg: TrainConfig, train_set: Any, multiple: int, distributed: bool
+) -> Any:
+    """The training loader; with ``train.progressive_stages > 1`` one per stage (densekit/data/progressive.py), the
+    last on ``train_set`` itself (the full size). Stage sizes are multiples of ``multiple`` (the model's stride)."""
+    def loader_of(dataset: Any) -> Any:
+        seed = train_cfg.seed
+        return task.build_loader(dataset, train_cfg.batch_size, True, train_cfg.num_workers, distributed, seed=seed)
+
+    full = loader_of(train_set)
+    if train_cfg.progressive_stages <= 1:
+        return full
+    epochs = -(-train_cfg.max_steps // len(full)) if train_cfg.max_steps else train_cfg.epochs
+    stages = plan_stages(
+        train_cfg.progressive_stages, epochs, train_cfg.progressive_min_size, train_cfg.progressive_min_jitter
+    )
+    loaders, descriptions = [], []
+    for stage in stages:
+        overrides, description = task.stage_overrides(cfg, stage, multiple)
+        if stage is stages[-1]:  # the full size and jitter: the dataset built already
+            loaders.append((stage.first_epoch, full))
+        else:
+            stage_cfg = OmegaConf.merge(cfg, {"data": overrides})
+            loaders.append((stage.first_epoch, loader_of(task.build_dataset(stage_cfg, cfg.data.train_split, True))))
+        descriptions.append(description)
+    return StagedLoader(loaders, descriptions)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -66,7 +97,7 @@ def train(cfg: DictConfig) -> dict:
         init = "model.backbone config"
 
     distributed = world_size > 1
-    loader = task.build_loader(train_set, train_cfg.batch_size, True, train_cfg.num_workers, distributed, seed=train_cfg.seed)
+    loader = build_train_loader(cfg, task, train_cfg, train_set, model.size_divisor, distributed)
     val_loader = task.build_loader(val_set, cfg.eval.batch_size, False, train_cfg.num_workers, distributed)
 
     evaluate = task.make_evaluate(cfg, val_set, val_loader, device, out_dir)

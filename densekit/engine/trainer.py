@@ -31,7 +31,7 @@ from .schedule import warmup_cosine, warmup_poly
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SkippableSampler", "Trainer", "TrainingDiverged"]
+__all__ = ["SkippableSampler", "StagedLoaders", "Trainer", "TrainingDiverged"]
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -57,6 +57,21 @@ class SkippableSampler(Protocol):
     mid-epoch resume does not load the images already seen (``densekit.data.loader.ResumableSampler`` is one)."""
 
     def skip_next(self, count: int) -> None: ...
+
+
+@runtime_checkable
+class StagedLoaders(Protocol):
+    """A loader per training stage (``densekit.data.progressive.StagedLoader`` is one): the trainer iterates
+    ``for_epoch(epoch)`` in each epoch; all stages have ``len()`` batches per epoch."""
+
+    stages: list
+    descriptions: list
+
+    def __len__(self) -> int: ...
+
+    def for_epoch(self, epoch: int) -> Iterable: ...
+
+    def stage_index(self, epoch: int) -> int: ...
 
 
 class Trainer:
@@ -137,6 +152,7 @@ class Trainer:
         self.images_per_s = 0.0
         self.metrics: dict[str, Any] = {}
         self.epoch_evaluated = 0
+        self._current_loader: Iterable | None = None
         self.hooks: list[HookBase] = []
         self.register_hooks(default_hooks(cfg, evaluate, self.is_main) if hooks is None else hooks)
 
@@ -201,22 +217,36 @@ class Trainer:
         (without loading them when the loader's sampler is a :class:`SkippableSampler`)."""
         epoch, skip = divmod(self.step, self.steps_per_epoch)
         while True:
-            sampler = getattr(self.loader, "sampler", None)
+            loader = self._loader_of(epoch)
+            sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             # Re-seed the shuffle per epoch so a resumed run sees the same order as an uninterrupted one.
-            generator = getattr(self.loader, "generator", None)
+            generator = getattr(loader, "generator", None)
             if isinstance(generator, torch.Generator):
                 generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            batch_size = getattr(self.loader, "batch_size", None)
+            batch_size = getattr(loader, "batch_size", None)
             if skip and isinstance(sampler, SkippableSampler) and batch_size:
                 sampler.skip_next(skip * batch_size)  # start after the seen images without loading them
-                batches = iter(self.loader)
+                batches = iter(loader)
             else:  # any other loader: load the seen batches and drop them
-                batches = itertools.islice(iter(self.loader), skip, None)
+                batches = itertools.islice(iter(loader), skip, None)
             for batch in batches:
                 yield epoch, batch
             epoch, skip = epoch + 1, 0
+
+    def _loader_of(self, epoch: int) -> Iterable:
+        """The loader of ``epoch``: a :class:`StagedLoaders` (progressive learning) has one per stage."""
+        if not isinstance(self.loader, StagedLoaders):
+            return self.loader
+        loader = self.loader.for_epoch(epoch)
+        if loader is not self._current_loader:
+            index = self.loader.stage_index(epoch)
+            what = self.loader.descriptions[index] if index < len(self.loader.descriptions) else ""
+            stages = len(self.loader.stages)
+            log.info("progressive learning: stage %d / %d from epoch %d %s", index + 1, stages, epoch, what)
+            self._current_loader = loader
+        return loader
 
     def _to_device(self, images: torch.Tensor, targets: list[dict[str, Any]]):
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)

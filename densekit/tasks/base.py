@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.loader import build_loader
+from ..data.progressive import Stage
 from ..modeling.registry import Registry
 
 if TYPE_CHECKING:
@@ -39,6 +40,11 @@ class Task(ABC):
     @abstractmethod
     def build_dataset(self, cfg: Any, split: str, train: bool) -> Dataset:
         """The ``split`` dataset of ``cfg.data`` with the train or eval transform for ``cfg.model``."""
+
+    @abstractmethod
+    def stage_overrides(self, cfg: Any, stage: Stage, multiple: int) -> tuple[dict[str, Any], str]:
+        """Progressive learning: the ``data`` config overrides of ``stage`` (its image or crop size, a multiple of
+        ``multiple``, and its scale jitter) and a description of them for the log."""
 
     def build_loader(
         self, dataset: Dataset, batch_size: int, train: bool, num_workers: int, distributed: bool, seed: int = 0

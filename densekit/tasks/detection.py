@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from ..data.coco import CocoDetection, coco_paths
 from ..data.corruptions import corrupting
+from ..data.progressive import Stage, stage_scale_range, stage_size
 from ..data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
 from ..config import image_size_arg
 from ..data.transforms import build_eval_transform, build_train_transform
@@ -116,6 +117,12 @@ class DetectionTask(Task):
     def build_dataset(self, cfg: Any, split: str, train: bool) -> CocoDetection:
         size = input_size(cfg.data, cfg.model)
         return build_coco_dataset(cfg.data, split, size, train=train, pixel_mean=cfg.model.pixel_mean)
+
+    def stage_overrides(self, cfg: Any, stage: Stage, multiple: int) -> tuple[dict[str, Any], str]:
+        size = stage_size(input_size(cfg.data, cfg.model), stage.size_fraction, multiple)
+        scale = stage_scale_range(cfg.data.augment.scale_range, stage.jitter_fraction)
+        description = f"({size} px, scale jitter {scale[0]:.2f}-{scale[1]:.2f})"
+        return {"image_size": size, "augment": {"scale_range": scale}}, description
 
     def num_classes(self, dataset: CocoDetection) -> int:
         return int(dataset.num_classes)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..config import image_size_arg
 from ..data.cityscapes import CityscapesSegmentation
+from ..data.progressive import Stage, stage_scale_range, stage_size
 from ..data.seg_folder import SegmentationFolder, read_class_names
 from ..data.seg_transforms import build_seg_eval_transform, build_seg_train_transform
 from ..data.synthetic_cityscapes import ensure_synthetic_cityscapes
@@ -80,6 +81,12 @@ class SegmentationTask(Task):
 
     def build_dataset(self, cfg: Any, split: str, train: bool) -> CityscapesSegmentation | SegmentationFolder:
         return DATASET_BUILDERS[cfg.data.format](cfg.data, split, train=train, pixel_mean=cfg.model.pixel_mean)
+
+    def stage_overrides(self, cfg: Any, stage: Stage, multiple: int) -> tuple[dict[str, Any], str]:
+        crop = [stage_size(int(side), stage.size_fraction, multiple) for side in cfg.data.crop_size]
+        scale = stage_scale_range(cfg.data.augment.scale_range, stage.jitter_fraction)
+        description = f"({crop[0]}x{crop[1]} crops, scale jitter {scale[0]:.2f}-{scale[1]:.2f})"
+        return {"crop_size": crop, "augment": {"scale_range": scale}}, description
 
     def num_classes(self, dataset: CityscapesSegmentation | SegmentationFolder) -> int:
         return int(dataset.num_classes)

@@ -28,12 +28,16 @@ def env_for(datasets: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> tuple[Path, Path]:
-    """Train 8 steps, SIGKILL the run after its first checkpoint, restart it; returns (run dir, datasets dir)."""
+    """Train 8 steps, SIGKILL the run after its first checkpoint, restart it; returns (run dir, datasets dir).
+
+    Progressive learning in two stages (epoch 0 at 64 px, epoch 1 at 128; 6 steps an epoch): the restarted run
+    resumes in the first stage and moves on to the second."""
     base = tmp_path_factory.mktemp("tools")
     datasets, run = base / "datasets", base / "run"
     cmd = tool(
         "train.py", *TINY_MODEL, *TINY_DATA, "train.max_steps=8", "train.batch_size=4", "train.checkpoint_every=2",
-        "train.num_workers=0", "train.backbone_weights=none", "train.ema_decay=0.9", f"hydra.run.dir={run}", datasets=datasets,
+        "train.num_workers=0", "train.backbone_weights=none", "train.ema_decay=0.9", "train.progressive_stages=2",
+        f"hydra.run.dir={run}", datasets=datasets,
     )
     last = run / "checkpoints" / "last.pth"
     proc = subprocess.Popen(cmd, env=env_for(datasets), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -49,6 +53,8 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     done = subprocess.run(cmd, env=env_for(datasets), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {last} at step {killed_at} / 8" in done.stdout + done.stderr
+    assert "stage 1 / 2 from epoch 0 (64 px, scale jitter" in done.stderr + done.stdout
+    assert "stage 2 / 2 from epoch 1 (128 px, scale jitter" in done.stderr + done.stdout
     assert "AP50" in done.stdout and f"run directory: {run}" in done.stdout
     return run, datasets
 
