@@ -15,9 +15,11 @@ loader is not the bottleneck.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import resource
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,9 @@ from benchmarks.references import NoReferenceError, effdet_targets, effdet_train
 from benchmarks.results import publish  # noqa: E402
 from benchmarks.timing import device_description, stats, time_interleaved  # noqa: E402
 from densekit.tasks.detection import build_coco_dataset  # noqa: E402
+from densekit.data.coco import CocoDetection  # noqa: E402
 from densekit.data.loader import build_loader  # noqa: E402
+from densekit.data.transforms import build_train_transform  # noqa: E402
 from densekit.modeling.build import build_model  # noqa: E402
 
 NO_SYNC: Callable[[], None] = lambda: None  # noqa: E731  (training is timed on the CPU: nothing queued to wait for)
@@ -111,6 +115,42 @@ def time_loader(cfg: DictConfig, size: int) -> dict[str, float]:
     return out
 
 
+def write_coco_sized_jpegs(root: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
+    """``count`` 640x480 JPEGs (quality 90, smooth noise: photo-like entropy) and a COCO json with 4 boxes each."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(count):
+        noise = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+        picture = cv2.GaussianBlur(cv2.resize(noise, (640, 480), interpolation=cv2.INTER_CUBIC), (0, 0), 3)
+        cv2.imwrite(str(root / "images" / f"{i:06d}.jpg"), picture, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        images.append({"id": i + 1, "file_name": f"{i:06d}.jpg", "height": 480, "width": 640})
+        for j in range(4):
+            x, y = float(rng.uniform(0, 500)), float(rng.uniform(0, 360))
+            annotations.append({"id": 4 * i + j + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, 120.0, 100.0],
+                                "area": 12000.0, "iscrowd": 0})
+    ann_file = root / "annotations.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}))
+    return root / "images", ann_file
+
+
+def time_decoders(cfg: DictConfig, size: int) -> dict[str, float]:
+    """Images per second one process (``num_workers=0``: what each worker delivers) gets through decoding and the full
+    train transform at ``size``, on COCO-sized JPEGs, for each of ``bench.decoders``."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        image_dir, ann_file = write_coco_sized_jpegs(Path(tmp), int(cfg.bench.jpeg_images))
+        transform = build_train_transform(size, scale_range=tuple(cfg.data.augment.scale_range), hflip=0.5)
+        for decoder in cfg.bench.decoders:
+            dataset = CocoDetection(image_dir, ann_file, transform=transform, train=True, decoder=decoder)
+            loader = build_loader(dataset, cfg.bench.batch_size, train=True, num_workers=0)
+            out[decoder] = _images_per_s(loader, cfg.bench.loader_images)
+    return out
+
+
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -137,13 +177,37 @@ def build_steps(cfg: DictConfig) -> tuple[dict[str, Callable[[], None]], str | N
     return fns, ref_name
 
 
+def _status_kib(field: str) -> int | None:
+    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status in KiB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _peak_step_mib(cfg_yaml: str, row: str) -> float:
-    """In a fresh process: MiB by which one step of ``row`` raises the peak resident memory above the built models'."""
+    """In a fresh process: MiB by which one step of ``row`` raises the peak resident memory above the built models'.
+
+    Linux: the peak (VmHWM) is reset to the current RSS just before the step (``/proc/self/clear_refs``). Not
+    ``ru_maxrss``: a spawned process inherits its parent's peak, so a child of a big run reads 0. Elsewhere
+    ``ru_maxrss`` is the fallback (correct when the parent is smaller than the step).
+    """
     cfg = OmegaConf.create(cfg_yaml)
     fns, _ = build_steps(cfg)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    before = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        before = None
+    if before is None:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        fns[row]()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
     fns[row]()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return ((_status_kib("VmHWM") or before) - before) / 1024
 
 
 def peak_memory(cfg: DictConfig, rows: Iterable[str]) -> dict[str, float]:
@@ -165,6 +229,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "torch": torch.__version__, "batch_size": batch, "image_size": size,
         "train_step": {k: stats(v, batch) for k, v in times.items()},
         "loader_images_per_s": time_loader(cfg, size) if cfg.bench.loader_images else {},
+        "decoder_images_per_s": time_decoders(cfg, size) if cfg.bench.loader_images and cfg.bench.decoders else {},
     }
     if cfg.bench.peak_memory:
         del fns  # the rows' models and activations are not this process's to keep while the children run
@@ -190,6 +255,8 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"  {row:14s} step raises peak memory by {mib:8.0f} MiB")
     for k, v in r["loader_images_per_s"].items():
         lines.append(f"  loader ({k}, train transform): {v:8.1f} images/s")
+    for k, v in r.get("decoder_images_per_s", {}).items():
+        lines.append(f"  640x480 JPEGs, decoder {k:11s} + train transform, one process: {v:8.1f} images/s")
     return "\n".join(lines)
 
 

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ..labels import CROWD_LABEL
+from .decode import DECODERS, decode_file
 from .transforms import TransformOutput, image_to_tensor
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def coco_paths(root: str | Path | None = None, split: str = "train") -> tuple[Pa
     return root / image_dir, root / ann_file
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to ``uint8`` RGB ``[H, W, 3]``.
+def read_image(path: str | Path, decoder: str = "opencv") -> np.ndarray:
+    """Decode an image file to ``uint8`` RGB ``[H, W, 3]`` (:func:`densekit.data.decode.decode_file`).
 
     EXIF orientation is ignored on purpose: COCO boxes are in the stored pixel frame (as PIL loads it), and
     OpenCV would otherwise rotate some COCO photos away from their annotations.
@@ -76,14 +76,7 @@ def read_image(path: str | Path) -> np.ndarray:
         OSError: The file cannot be decoded. Both are plain exception types so the message survives the re-raise
             in the main process when the error happens in a DataLoader worker.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    data = np.fromfile(path, dtype=np.uint8)  # not cv2.imread, which cannot tell "missing" from "corrupt"
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
-    if image is None:
-        raise OSError(f"cannot decode image file {path} ({data.size} bytes): not a readable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return decode_file(path, decoder)
 
 
 def _load_json(ann_file: Path) -> dict[str, Any]:
@@ -159,12 +152,16 @@ class CocoDetection(Dataset):
     """
 
     def __init__(
-        self, image_dir: str | Path, ann_file: str | Path, transform: Transform | None = None, train: bool = True
+        self, image_dir: str | Path, ann_file: str | Path, transform: Transform | None = None, train: bool = True,
+        decoder: str = "opencv",
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transform = transform
         self.train = train
+        if decoder not in DECODERS:
+            raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        self.decoder = decoder
         data = _load_json(self.ann_file)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder {self.image_dir} (for {self.ann_file}) does not exist")
@@ -288,7 +285,7 @@ class CocoDetection(Dataset):
         path = self.image_path(index)
         image_id = self.image_ids[index]
         try:
-            image = read_image(path)
+            image = read_image(path, self.decoder)
         except OSError as e:  # FileNotFoundError included; re-raised with the dataset context, same type
             raise type(e)(f"{e} (image id {image_id} in {self.ann_file})") from None
         orig_size = (int(image.shape[0]), int(image.shape[1]))

@@ -18,6 +18,7 @@ def test_train_benchmark_times_both_implementations(
     done = run_script(
         "train_benchmark.py", "model=efficientdet_lite0", "bench.image_size=128", "bench.batch_size=2", "bench.iters=1",
         "bench.warmup=1", "bench.loader_images=4", "bench.num_workers=[0]", "data.num_train=8", "data.num_val=2",
+        "bench.jpeg_images=4",
         f"bench.output={out}", env={"DENSEKIT_DATASETS": str(tmp_path), "OMP_NUM_THREADS": "2"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -25,6 +26,9 @@ def test_train_benchmark_times_both_implementations(
     assert set(result["train_step"]) == {"densekit", "effdet", "densekit+cl", "effdet+cl"}  # both layouts, both sides
     assert all(s["median_ms"] > 0 for s in result["train_step"].values())
     assert result["loader_images_per_s"]["num_workers=0"] > 0
+    assert set(result["decoder_images_per_s"]) == {"opencv", "torchvision", "pil"}
+    assert all(v > 0 for v in result["decoder_images_per_s"].values())
+    assert "640x480 JPEGs, decoder torchvision + train transform, one process" in done.stdout
     assert "densekit / effdet (median, both NCHW)" in done.stdout and "loader (num_workers=0, train transform)" in done.stdout
     assert "densekit+cl / effdet+cl (median, both channels_last)" in done.stdout
 
@@ -41,7 +45,7 @@ def test_train_benchmark_reports_the_peak_memory_of_a_checkpointed_step(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["train_step"]) == set(result["peak_step_mib"]) == {"densekit", "densekit+ckpt"}
-    assert result["loader_images_per_s"] == {}
+    assert result["loader_images_per_s"] == result["decoder_images_per_s"] == {}
     assert "densekit+ckpt  step raises peak memory by" in done.stdout
 
 
