@@ -1,7 +1,7 @@
 """One training engine for every task: a model that returns a dict of losses in training mode is all it needs.
 
 The trainer owns the step: forward, backward, optimiser (SGD with momentum or AdamW), linear warm-up + cosine /
-poly decay, mixed precision, gradient clipping, the EMA update, frozen-backbone fine-tuning,
+poly decay, mixed precision, channels_last weights and batches (``train.channels_last``), gradient clipping, the EMA update, frozen-backbone fine-tuning,
 DistributedDataParallel (torchrun), AdvProp (``train.advprop``: :mod:`densekit.engine.advprop`), and resume from
 ``checkpoints/last.pth``. Everything around the step
 (checkpointing, evaluation, writers, progress, the NaN stop, timing) is a hook: see :mod:`densekit.engine.hooks`.
@@ -79,7 +79,8 @@ class Trainer:
 
     Args:
         model: Returns a dict of losses from ``model(images, targets)`` in training mode.
-        loader: Yields ``(images, targets)`` batches; a ``DistributedSampler`` if running under torchrun.
+        loader: Yields ``(images, targets)`` batches; a ``DistributedSampler`` if running under torchrun. A
+            :class:`StagedLoaders` (progressive learning) gives each epoch its stage's loader.
         cfg: Training settings.
         output_dir: Run directory: ``checkpoints/``, ``tensorboard/``, ``metrics.json``.
         device: Where to train.
