@@ -110,22 +110,9 @@ class Trainer:
         self.world_size = torch.distributed.get_world_size() if self.distributed else 1
         self.is_main = dist_utils.is_main_process()
 
-        if cfg.freeze_backbone:
-            for p in model.backbone.parameters():
-                p.requires_grad_(False)
-        if cfg.sync_bn and self.distributed:
-            if device.type == "cuda":
-                model = dist_utils.convert_sync_batchnorm(model)
-            else:
-                log.warning("train.sync_bn ignored: PyTorch's SyncBatchNorm runs on GPUs only")
-        # AdvProp's auxiliary BNs exist before the optimiser, the EMA copy and DDP see the model.
         self.advprop = AdvProp.from_config(cfg) if cfg.advprop else None
-        if self.advprop:
-            log.info("train.advprop: %d BatchNorms get auxiliary twins for adversarial batches", convert_to_dual_bn(model))
-        self.model = model.to(device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        if cfg.channels_last:  # before the EMA copy and DDP: both then share the layout
-            self.model.to(memory_format=torch.channels_last)
+        self.model = self._prepare_model(model)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.ddp = (
             DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -156,6 +143,22 @@ class Trainer:
         self._current_loader: Iterable | None = None
         self.hooks: list[HookBase] = []
         self.register_hooks(default_hooks(cfg, evaluate, self.is_main) if hooks is None else hooks)
+
+    def _prepare_model(self, model: nn.Module) -> nn.Module:
+        """What the optimiser, the EMA copy and DDP must already see: frozen backbone, SyncBN, AdvProp's auxiliary
+        BNs, the device and the memory layout."""
+        cfg = self.cfg
+        if cfg.freeze_backbone:
+            for p in model.backbone.parameters():
+                p.requires_grad_(False)
+        if cfg.sync_bn and self.distributed:
+            if self.device.type == "cuda":
+                model = dist_utils.convert_sync_batchnorm(model)
+            else:
+                log.warning("train.sync_bn ignored: PyTorch's SyncBatchNorm runs on GPUs only")
+        if self.advprop:
+            log.info("train.advprop: %d BatchNorms get auxiliary twins for adversarial batches", convert_to_dual_bn(model))
+        return model.to(self.device, memory_format=self.memory_format)
 
     def register_hooks(self, hooks: list[HookBase]) -> None:
         """Append ``hooks`` (they run after the ones already registered)."""
