@@ -8,7 +8,8 @@ A step is forward (with target assignment and loss), backward and an SGD update.
 model gets densekit's weights and the same batch (boxes converted to its yxyx, 1-based format) and the steps are
 timed in turn. Each of ``bench.layouts`` (``nchw``, ``channels_last``: weights and batch NHWC, as
 ``train.channels_last``) times both implementations; ``bench.grad_checkpoint=true`` adds densekit with
-``model.grad_checkpoint``. ``bench.peak_memory=true`` runs one step of each row again in a fresh process and
+``model.grad_checkpoint``; ``bench.compile=true`` adds densekit through ``torch.compile`` (``train.compile``; give it
+``bench.warmup=2`` or more: compiling and one recompilation happen there). ``bench.peak_memory=true`` runs one step of each row again in a fresh process and
 reports how far the step raised its peak resident memory above the built models'. The loader is timed on the configured ``data`` (default: the synthetic set) with the train transform
 at the same resolution, for each ``bench.num_workers``; if it delivers far more images/s than a step consumes, the
 loader is not the bottleneck.
@@ -174,6 +175,11 @@ def build_steps(cfg: DictConfig) -> tuple[dict[str, Callable[[], None]], str | N
         if cfg.bench.compare and not checkpointing:
             fns["effdet" + suffix], ref_name = effdet_step(model, x, targets, LAYOUTS[layout])
         fns["densekit" + suffix] = step_fn(lambda m=model, x=x, t=targets: sum(m(x, t).values()), model.parameters())
+        if cfg.bench.compile and not checkpointing:  # train.compile: the same model through torch.compile
+            compiled = torch.compile(model)
+            fns[f"densekit{suffix}+compile"] = step_fn(
+                lambda m=compiled, x=x, t=targets: sum(m(x, t).values()), model.parameters()
+            )
     return fns, ref_name
 
 
@@ -241,7 +247,7 @@ def report(r: dict[str, Any]) -> str:
     """The printed form of :func:`run`'s results."""
     lines = [f"{r['model']} training step, batch {r['batch_size']} at {r['image_size']} px, {r['device']}, torch {r['torch']}"]
     for name, s in r["train_step"].items():
-        lines.append(f"  {name:14s} step mean {s['mean_ms']:8.1f} ms  median {s['median_ms']:8.1f} ms  p90 {s['p90_ms']:8.1f} ms  "
+        lines.append(f"  {name:17s} step mean {s['mean_ms']:8.1f} ms  median {s['median_ms']:8.1f} ms  p90 {s['p90_ms']:8.1f} ms  "
                      f"{s['fps']:6.2f} images/s")
     steps = r["train_step"]
     for suffix, what in (("", "NCHW"), ("+cl", "channels_last")):

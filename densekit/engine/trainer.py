@@ -119,6 +119,10 @@ class Trainer:
             if self.distributed
             else None
         )
+        # train.compile: forward + loss (and so their backward) through torch.compile; minutes of compilation first.
+        self.forward: nn.Module = self.ddp or self.model
+        if cfg.compile:
+            self.forward = torch.compile(self.forward)
 
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch == 0:
@@ -279,7 +283,7 @@ class Trainer:
         """One optimisation step on a batch: forward (autocast), backward (scaled), clip, step, schedule, EMA."""
         images, targets = self._to_device(images, targets)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            forward = self.ddp or self.model
+            forward = self.forward
             if self.advprop:  # clean + adversarial losses (adv_*), through the main and auxiliary BNs
                 losses = self.advprop.losses(self.model, forward, images, targets)
             else:

@@ -177,3 +177,27 @@ def test_channels_last_training_computes_what_nchw_training_does(tmp_path: Path,
         assert (nhwc_update - update).abs().max().item() <= 1e-2 * max(update.abs().max().item(), floor), key
     saved = ckpt.load_checkpoint(tmp_path / "True" / "checkpoints" / "last.pth")
     assert all(t.is_contiguous() for t in saved["model"].values())
+
+
+@pytest.mark.slow  # compiling forward + backward takes a minute or more on 2 cores
+def test_compiled_training_step_computes_what_the_eager_one_does(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
+    """train.compile: the same loss on the same weights and batch, and the same update, as eager training."""
+    import copy
+
+    train_cfg.max_steps, train_cfg.checkpoint_every, train_cfg.ema_decay = 1, 1, 0.0
+    runs = {}
+    for compiled in (False, True):
+        train_cfg.compile = compiled
+        model = copy.deepcopy(tiny_model)
+        torch.manual_seed(0)
+        trainer = Trainer(model, tiny_loader, train_cfg, tmp_path / str(compiled), torch.device("cpu"))
+        assert (trainer.forward is not trainer.model) == compiled
+        trainer.train()
+        runs[compiled] = (model.state_dict(), trainer.loss)
+    (eager, eager_loss), (comp, comp_loss) = runs[False], runs[True]
+    torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-4, atol=0)
+    initial = tiny_model.state_dict()
+    updates = {k: (v - initial[k], comp[k] - initial[k]) for k, v in eager.items() if v.is_floating_point()}
+    floor = 1e-3 * max(u.abs().max().item() for u, _ in updates.values())
+    for key, (update, comp_update) in updates.items():
+        assert (comp_update - update).abs().max().item() <= 1e-2 * max(update.abs().max().item(), floor), key
