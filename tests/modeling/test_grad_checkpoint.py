@@ -73,8 +73,9 @@ def test_checkpointed_step_equals_the_plain_one(name: str, overrides: dict, rand
 def test_grad_checkpoint_config_key_builds_a_checkpointed_model() -> None:
     name, overrides = DET
     model = densekit.create_model(name, grad_checkpoint=True, **overrides)
-    assert model.neck.grad_checkpointing and model.backbone.body.grad_checkpointing
+    assert model.neck.grad_checkpointing and model.train().backbone.body.grad_checkpointing
     assert not densekit.create_model(name, **overrides).neck.grad_checkpointing
     with torch.no_grad():  # evaluation and inference never recompute: the outputs are the plain model's
         out = model.eval()(torch.rand(1, 3, 128, 128))
+    assert not model.backbone.body.grad_checkpointing  # timm's flag follows train / eval
     assert set(out[0]) >= {"boxes", "scores", "labels"}

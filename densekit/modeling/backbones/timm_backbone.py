@@ -223,8 +223,16 @@ class TimmBackbone(Backbone):
         last) is recomputed in the backward pass, non-reentrant."""
         if not hasattr(self.body, "set_grad_checkpointing"):
             raise NotImplementedError(f"timm's features_only {self.name} has no gradient checkpointing; use model.grad_checkpoint=false")
-        self.body.set_grad_checkpointing(enable)
         self.grad_checkpointing = enable
+        self.body.set_grad_checkpointing(enable and self.training)
+
+    def train(self, mode: bool = True) -> TimmBackbone:
+        """timm checkpoints whenever its flag is set; densekit only in training, so that evaluation, tracing and
+        export of a model trained with ``model.grad_checkpoint`` run the plain forward."""
+        super().train(mode)
+        if self.grad_checkpointing:
+            self.body.set_grad_checkpointing(mode)
+        return self
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load weights in any layout this backbone recognises, all-or-nothing.
