@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ..labels import CROWD_LABEL
-from .decode import DECODERS, decode_file
+from .decode import check_decoder, decode_file
 from .transforms import TransformOutput, image_to_tensor
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ class CocoDetection(Dataset):
         self.ann_file = Path(ann_file)
         self.transform = transform
         self.train = train
-        if decoder not in DECODERS:
-            raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        check_decoder(decoder)  # at construction: a typo fails before any worker starts
         self.decoder = decoder
         data = _load_json(self.ann_file)
         if not self.image_dir.is_dir():

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["DECODERS", "decode_file"]
+__all__ = ["DECODERS", "check_decoder", "decode_file"]
 
 
 def _opencv(path: Path) -> np.ndarray | None:
@@ -45,6 +45,12 @@ def _pil(path: Path) -> np.ndarray | None:
 DECODERS: dict[str, Callable[[Path], np.ndarray | None]] = {"opencv": _opencv, "torchvision": _torchvision, "pil": _pil}
 
 
+def check_decoder(decoder: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``decoder`` is a key of :data:`DECODERS`."""
+    if decoder not in DECODERS:
+        raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+
+
 def decode_file(path: str | Path, decoder: str = "opencv") -> np.ndarray:
     """Decode an image file to ``uint8`` RGB ``[H, W, 3]`` with ``decoder`` (a key of :data:`DECODERS`).
 
@@ -54,8 +60,7 @@ def decode_file(path: str | Path, decoder: str = "opencv") -> np.ndarray:
         OSError: The file cannot be decoded. Both are plain exception types so the message survives the re-raise
             in the main process when the error happens in a DataLoader worker.
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    check_decoder(decoder)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")

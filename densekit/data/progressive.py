@@ -83,7 +83,3 @@ class StagedLoader:
 
     def for_epoch(self, epoch: int) -> Any:
         return self.stages[self.stage_index(epoch)][1]
-
-    @property
-    def batch_size(self) -> int | None:
-        return getattr(self.stages[0][1], "batch_size", None)
