@@ -169,6 +169,9 @@ class TrainConfig:
     eval_every_epochs: int = 0  # 0: evaluate only at the end
     log_every: int = 10
     freeze_backbone: bool = False
+    # Freeze the backbone's stem and stages up to stride 2**freeze_at (weights and BN statistics), as detectron2's
+    # MODEL.BACKBONE.FREEZE_AT: their backward is skipped (docs/training.md); 0 trains every layer.
+    freeze_at: int = 0
     sync_bn: bool = False
     num_workers: int = 2
     seed: int = 0

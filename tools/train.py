@@ -95,6 +95,9 @@ def train(cfg: DictConfig) -> dict:
         init = init_backbone(model, train_cfg.backbone_weights, cfg.model.backbone.name)
     else:
         init = "model.backbone config"
+    if init.startswith("random init") and train_cfg.freeze_at > 0:
+        log.warning("train.freeze_at=%d freezes randomly initialised backbone layers (they will never learn); "
+                    "train from scratch with train.freeze_at=0", train_cfg.freeze_at)
 
     distributed = world_size > 1
     loader = build_train_loader(cfg, task, train_cfg, train_set, model.size_divisor, distributed)

@@ -102,6 +102,28 @@ def test_frozen_backbone_does_not_change(tmp_path: Path, tiny_model, tiny_loader
     assert not torch.equal(head_before, tiny_model.head.class_net.predict.conv_pw.weight)
 
 
+def test_freeze_at_keeps_the_first_backbone_stages_and_trains_the_rest(
+    tmp_path: Path, tiny_model, tiny_loader, train_cfg
+) -> None:
+    train_cfg.freeze_at = 2  # detectron2's default: the stem and the stride-4 stage (EfficientNet blocks.0 and 1)
+    train_cfg.max_steps = 2
+    body = tiny_model.backbone.body
+    frozen_names = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    trainer = Trainer(tiny_model, tiny_loader, train_cfg, tmp_path, torch.device("cpu"))
+    trainer.train()
+    after = body.state_dict()
+    frozen = [k for k in before if k.startswith(frozen_names)]
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # weights and BN statistics
+    assert not torch.equal(before["blocks.2.0.conv_pw.weight"], after["blocks.2.0.conv_pw.weight"])
+    assert not any(p.requires_grad for p in body.blocks[1].parameters())
+    assert all(p.requires_grad for p in body.blocks[2].parameters())
+    train_cfg.freeze_at = -1
+    with pytest.raises(ValueError, match="train.freeze_at must be >= 0"):
+        Trainer(tiny_model, tiny_loader, train_cfg, tmp_path / "bad", torch.device("cpu"))
+
+
 def test_training_reduces_the_loss(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
     train_cfg.max_steps = 80
     train_cfg.checkpoint_every = 100

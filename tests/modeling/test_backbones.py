@@ -190,3 +190,32 @@ def test_torchvision_classifier_checkpoint(tmp_path, out_levels):
     assert list(actual) == [f"c{lvl}" for lvl in out_levels]
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [lambda: create_backbone("tf_efficientnet_lite0"), lambda: create_backbone("mnasnet_100"),
+     lambda: MobileNetV3Backbone("mobilenet_v3_large")],
+    ids=["timm-efficientnet", "timm-mnasnet", "torchvision-mobilenet_v3"],
+)
+def test_layers_up_to_stride_are_the_first_layers_at_that_stride(backbone) -> None:
+    """What train.freeze_at freezes: a prefix of the network whose last layer outputs at exactly that stride."""
+    backbone = backbone()
+    strides: dict[int, int] = {}  # id(module) -> stride of its output on a SIZE input
+    def record(module: torch.nn.Module, _: object, out: object) -> None:
+        if torch.is_tensor(out):  # timm's features_only wrapper returns lists
+            strides[id(module)] = SIZE // out.shape[-1]
+
+    handles = [m.register_forward_hook(record) for m in backbone.modules()]
+    _run(backbone)
+    for h in handles:
+        h.remove()
+    order = [id(p) for p in backbone.parameters()]
+    assert backbone.layers_up_to_stride(1) == []
+    for stride in (2, 4, 8):
+        layers = backbone.layers_up_to_stride(stride)
+        assert strides[id(layers[-1])] == stride
+        assert all(strides[id(m)] <= stride for m in layers)
+        frozen = {id(p) for m in layers for p in m.parameters()}
+        assert order[: len(frozen)] == [i for i in order if i in frozen]  # a prefix of the parameters
+        assert max(strides[id(m)] for m in backbone.layers_up_to_stride(2 * stride)) == 2 * stride

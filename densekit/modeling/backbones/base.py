@@ -68,6 +68,11 @@ class Backbone(nn.Module):
         (``model.grad_checkpoint``, see :mod:`densekit.modeling.grad_checkpoint`); only in training with grad."""
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing; use model.grad_checkpoint=false")
 
+    def layers_up_to_stride(self, stride: int) -> list[nn.Module]:
+        """The stem and the stages that run at a stride of at most ``stride``, in execution order: what
+        ``train.freeze_at`` freezes (weights and BatchNorm statistics), as detectron2's ``FREEZE_AT``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot freeze its first stages; use train.freeze_at=0")
+
     @property
     def out_channels(self) -> list[int]:
         return [s.channels for s in self.feature_specs]

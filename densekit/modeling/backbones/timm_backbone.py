@@ -234,6 +234,12 @@ class TimmBackbone(Backbone):
             self.body.set_grad_checkpointing(mode)
         return self
 
+    def layers_up_to_stride(self, stride: int) -> list[nn.Module]:
+        """Every module that runs before the end of the last timm stage at a stride of at most ``stride``
+        (timm's ``feature_info``: for EfficientNet, stride 4 is ``conv_stem``, ``bn1``, ``blocks.0`` and ``blocks.1``)."""
+        stages = [info["module"] for info in self.body.feature_info.info if info["reduction"] <= stride]
+        return _modules_through(self.body, stages[-1].split(".")) if stages else []
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load weights in any layout this backbone recognises, all-or-nothing.
 
@@ -305,6 +311,22 @@ class TimmBackbone(Backbone):
             else:
                 out["body." + key] = value  # part of the body but unknown there: reported as unexpected
         return out, ignored
+
+
+def _modules_through(root: nn.Module, path: list[str]) -> list[nn.Module]:
+    """The children of ``root`` before the module at ``path`` (timm's dotted name of a stage), and that module; a
+    features_only wrapper may have flattened the name (``stages.0`` -> child ``stages_0``)."""
+    children = list(root.named_children())
+    names = [name for name, _ in children]
+    for depth in range(len(path), 0, -1):  # the longest prefix of the path that names a child, flattened
+        name = "_".join(path[:depth])
+        if name in names:
+            index = names.index(name)
+            before = [module for _, module in children[:index]]
+            if depth == len(path):
+                return [*before, children[index][1]]
+            return [*before, *_modules_through(children[index][1], path[depth:])]
+    raise ValueError(f"no module {'.'.join(path)!r} under {type(root).__name__} (children: {names})")
 
 
 def _timm_feature_key(key: str, own: Mapping[str, torch.Tensor]) -> str | None:

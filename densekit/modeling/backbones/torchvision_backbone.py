@@ -108,6 +108,7 @@ class MobileNetV3Backbone(Backbone):
         # Layers past the deepest requested one would be parameters without gradients (a DDP error), so they
         # are cut off; child indices stay torchvision's because the kept part is a prefix.
         self.features = nn.Sequential(*list(model.features)[: self._indices[-1] + 1])
+        self._layer_strides = [stride for stride, _ in table[: self._indices[-1] + 1]]
         self.feature_specs = [
             FeatureSpec(level_name(lvl), table[i][0], table[i][1]) for lvl, i in zip(levels, self._indices)
         ]
@@ -117,6 +118,10 @@ class MobileNetV3Backbone(Backbone):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every ``features[i]`` block in the backward pass (each is one inverted-residual block)."""
         self.grad_checkpointing = enable
+
+    def layers_up_to_stride(self, stride: int) -> list[nn.Module]:
+        """``features[0..i]``: every layer whose cumulative stride is at most ``stride`` (``features[0]`` is the stem)."""
+        return [layer for layer, s in zip(self.features, self._layer_strides) if s <= stride]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         wanted = {index: spec.name for index, spec in zip(self._indices, self.feature_specs)}
