@@ -8,11 +8,13 @@ VNNI / AMX int8 kernels run), calibrated on real images, converted to quantise /
 inductor with freezing, which rewrites every ``dequantize -> conv -> quantize`` into one int8 oneDNN convolution.
 NMS, box decoding, per-image cropping stay float and eager, exactly as in the float model.
 
-Layers kept in float (``keep_float``): by default the class predictor (:meth:`DenseModel.class_predictor`, EfficientDet's
-class-logit conv / the segmenter's classifier). Its outputs are logits read through a sigmoid against a 0.001-0.05
-score threshold (detection) or compared against each other pixel by pixel (argmax): one 8-bit step of a per-tensor
-scale spanning -10..+5 logits is ~0.06, which moves low-confidence scores across the threshold and flips near-tied
-classes, while the layer is a few percent of the FLOPs. Pass ``keep_float=()`` to quantise it too, or more module
+Layers kept in float (``keep_float``): by default the output layers (:meth:`DenseModel.output_layers`: EfficientDet's
+class-logit and box-regression convs, the segmenter's classifier). Logits are read through a sigmoid against a
+0.001-0.05 score threshold (detection) or compared against each other pixel by pixel (argmax): one 8-bit step of a
+per-tensor scale spanning -10..+5 logits is ~0.06, which moves low-confidence scores across the threshold and flips
+near-tied classes. Box deltas are scaled by the anchor size, so one 8-bit step is pixels at P7; measured on the
+trained default Lite0 (docs/benchmarks.md), keeping the box conv float too halves the AP loss (-1.1 -> -0.6 points).
+Both layers are a few percent of the FLOPs. Pass ``keep_float=()`` to quantise it too, or more module
 names (e.g. ``"backbone.conv_stem"``, the first conv, which sees raw normalised pixels) to keep those in float.
 
 BF16 is ``torch.autocast(bfloat16)`` inside the compiled (frozen) network: on CPUs with AVX512-BF16 or AMX oneDNN
@@ -149,10 +151,8 @@ def _iterate(calibration: Any) -> Iterable[Any]:
 
 def _keep_float_names(model: nn.Module, keep_float: Sequence[str] | None) -> list[str]:
     """The module names to leave in float, checked against ``model`` so that a typo is an error, not a no-op."""
-    if keep_float is None:
-        # The modules owning the class-predictor parameters (e.g. ``head.class_net.predict.conv_pw``).
-        owners = model.class_predictor() if hasattr(model, "class_predictor") else {}
-        keep_float = sorted({key.rsplit(".", 1)[0] for key in owners})
+    if keep_float is None:  # the layers writing the raw outputs (e.g. ``head.class_net.predict.conv_pw``)
+        keep_float = model.output_layers() if hasattr(model, "output_layers") else []
     modules = dict(model.named_modules())
     unknown = [name for name in keep_float if name not in modules]
     if unknown:

@@ -93,6 +93,11 @@ class DenseModel(nn.Module):
         fine-tuning to another class count re-initialises (:func:`densekit.checkpoint.finetune.load_for_finetuning`)."""
         return {f"head.{key}": rows for key, rows in self.head.class_predictor().items()}
 
+    def output_layers(self) -> list[str]:
+        """Names (as in ``named_modules()``) of the layers that write the raw outputs: class logits, and box
+        regressions for detectors. What int8 keeps in float by default (:mod:`densekit.deploy.quantize`)."""
+        return [f"head.{name}" for name in self.head.output_layers()]
+
     def stack_images(self, images: Images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Check ``images`` and stack a list into one zero-padded batch; returns it with each image's ``(H, W)``.
 

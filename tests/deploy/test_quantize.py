@@ -62,12 +62,13 @@ def test_int8_detector_logits_track_fp32_and_postprocessing_runs(detector, int8_
     assert "network" not in vars(detector)
 
 
-def test_int8_keeps_the_class_predictor_in_float_by_default(int8_detector) -> None:
+def test_int8_keeps_the_output_layers_in_float_by_default(int8_detector) -> None:
     graph = vars(int8_detector)["network"].graph
-    # With keep_float, no dequantize feeds the class predictor's pointwise conv weight.
+    # With keep_float, no dequantize feeds the class or box predictor's pointwise conv weight.
     convs = [n for n in graph.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target)]
-    float_convs = [n for n in convs if "class_net.predict.conv_pw" in str(list(n.meta["nn_module_stack"].values())[-1][0])]
-    assert float_convs
+    module_of = {n: str(list(n.meta["nn_module_stack"].values())[-1][0]) for n in convs}
+    float_convs = [n for n in convs if module_of[n].endswith(("class_net.predict.conv_pw", "box_net.predict.conv_pw"))]
+    assert {module_of[n].split(".")[-3] for n in float_convs} == {"class_net", "box_net"}
     assert all("dequantize" not in str(n.args[1].target) for n in float_convs if hasattr(n.args[1], "target"))
     quantised = [n for n in convs if hasattr(n.args[1], "target") and "dequantize" in str(n.args[1].target)]
     assert len(quantised) > len(convs) // 2

@@ -102,5 +102,9 @@ class EfficientDetHead(nn.Module):
         :mod:`densekit.checkpoint.finetune`."""
         return {f"class_net.predict.conv_pw.{name}": self.num_anchors for name in ("weight", "bias")}
 
+    def output_layers(self) -> list[str]:
+        """The class and box nets' last pointwise convs (what writes logits and box deltas)."""
+        return ["class_net.predict.conv_pw", "box_net.predict.conv_pw"]
+
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self.class_net(features), self.box_net(features)

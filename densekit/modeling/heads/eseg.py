@@ -60,6 +60,10 @@ class ESegHead(nn.Module):
         """The parameters whose rows are classes (one row each), for fine-tuning to another class count."""
         return {"classifier.weight": 1, "classifier.bias": 1}
 
+    def output_layers(self) -> list[str]:
+        """The classifier that writes the logits."""
+        return ["classifier"]
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Class logits at the finest level's resolution from the pyramid ``features`` (finest first)."""
         if len(features) != self.fusion_weight.numel():

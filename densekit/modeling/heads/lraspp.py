@@ -60,6 +60,10 @@ class LRASPPHead(nn.Module):
         """The parameters whose rows are classes (one row each), for fine-tuning to another class count."""
         return {f"{conv}.{name}": 1 for conv in ("low_classifier", "high_classifier") for name in ("weight", "bias")}
 
+    def output_layers(self) -> list[str]:
+        """The two classifiers whose sum is the logits."""
+        return ["low_classifier", "high_classifier"]
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Class logits at the stride of ``features[0]`` from ``[stride-8, ..., stride-16]`` features."""
         low, high = features[0], features[-1]
