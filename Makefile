@@ -26,7 +26,7 @@ test: install
 test-all: install
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m ""
 
-# The main job: train EfficientDet-Lite0 on the embedded synthetic dataset and print COCO AP (~8 min on 2 CPU cores).
+# The main job: train EfficientDet-Lite0 on the embedded synthetic dataset and print COCO AP (~4 min on 2 CPU cores).
 train: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python tools/train.py $(ARGS)
 
