@@ -16,6 +16,7 @@ from typing import Any
 
 import timm
 import torch
+from torch import nn
 
 from ...checkpoint.io import CheckpointError, load_state_dict_checked
 from ..grad_checkpoint import full_recomputation
