@@ -7,12 +7,17 @@ Random weights and random calibration images: this times the kernels, it does no
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import torch
+# A script's own folder heads sys.path: put the repository root first, so that `benchmarks` imports and `densekit`
+# is this checkout's (as in the other benchmark scripts).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import densekit
-from benchmarks.timing import cpu_name, stats, synchronizer, time_interleaved
-from densekit.deploy.quantize import bf16_supported
+import torch  # noqa: E402
+
+import densekit  # noqa: E402
+from benchmarks.timing import cpu_name, stats, synchronizer, time_interleaved  # noqa: E402
+from densekit.deploy.quantize import bf16_supported  # noqa: E402
 
 
 def main(name: str, size: int, iters: int = 10, warmup: int = 2) -> dict[str, dict[str, float]]:
