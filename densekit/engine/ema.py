@@ -25,32 +25,24 @@ class ModelEMA:
             p.requires_grad_(False)
         self.decay = decay
         self.updates = 0
-        self._cached_for: nn.Module | None = None
-        self._cache: tuple[list[torch.Tensor], ...] = ()
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        floats, values, integers, counts = self._pairs(model)
-        # One fused lerp over all tensors (ema + (1 - d) * (value - ema)): ~4x faster than a Python loop of
-        # mul_/add_ on a model of ~700 tensors, and exact for tensors that did not change (frozen layers).
+        floats, values, integers, counts = [], [], [], []
+        # The tensors are looked up on every call (~1.5 ms): a cached list would go stale silently if anything
+        # replaced a parameter's storage (Module.to with another dtype or memory format does).
+        for target, value in zip(self.module.state_dict().values(), model.state_dict().values()):
+            pair = (floats, values) if value.dtype.is_floating_point else (integers, counts)
+            pair[0].append(target)
+            pair[1].append(value)
+        # One fused lerp over all tensors (ema + (1 - d) * (value - ema)) instead of a Python loop of mul_/add_ over
+        # ~700 tensors, and exact for tensors that did not change (frozen layers).
         if floats:
             torch._foreach_lerp_(floats, values, 1 - d)
         if integers:
             torch._foreach_copy_(integers, counts)
-
-    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
-        """The EMA's and ``model``'s floating-point and other tensors, in state_dict order (cached per model)."""
-        if self._cached_for is not model:
-            floats, values, integers, counts = [], [], [], []
-            for target, value in zip(self.module.state_dict().values(), model.state_dict().values()):
-                pair = (floats, values) if value.dtype.is_floating_point else (integers, counts)
-                pair[0].append(target)
-                pair[1].append(value.detach())
-            self._cache = (floats, values, integers, counts)
-            self._cached_for = model
-        return self._cache
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}

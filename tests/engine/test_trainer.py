@@ -91,6 +91,18 @@ def test_ema_tracks_the_average_of_the_weights() -> None:
     torch.testing.assert_close(ema.module.weight, start * d + (1 - d) * torch.ones_like(start))
 
 
+def test_ema_of_a_tensor_that_does_not_change_stays_bit_exact() -> None:
+    """Frozen layers (train.freeze_at) must come out of the EMA as they went in, not drift by rounding."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    with torch.no_grad():
+        model[0].weight.mul_(1.7).add_(0.1)  # values with many mantissa bits
+    ema = ModelEMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    for _ in range(5):
+        ema.update(model)
+    assert all(torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
+
+
 def test_frozen_backbone_does_not_change(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
     train_cfg.freeze_backbone = True
     train_cfg.max_steps = 2
