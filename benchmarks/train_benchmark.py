@@ -8,7 +8,8 @@ A step is forward (with target assignment and loss), backward and an SGD update.
 model gets densekit's weights and the same batch (boxes converted to its yxyx, 1-based format) and the steps are
 timed in turn. Each of ``bench.layouts`` (``nchw``, ``channels_last``: weights and batch NHWC, as
 ``train.channels_last``) times both implementations; ``bench.grad_checkpoint=true`` adds densekit with
-``model.grad_checkpoint``; ``bench.compile=true`` adds densekit through ``torch.compile`` (``train.compile``; give it
+``model.grad_checkpoint``; ``bench.bf16=true`` adds densekit under bf16 autocast (``train.amp=bf16``, the ``+bf16`` rows);
+``bench.compile=true`` adds densekit through ``torch.compile`` (``train.compile``; give it
 ``bench.warmup=2`` or more: compiling and one recompilation happen there). ``bench.peak_memory=true`` runs one step of each row again in a fresh process and
 reports how far the step raised its peak resident memory above the built models'. The loader is timed on the configured ``data`` (default: the synthetic set) with the train transform
 at the same resolution, for each ``bench.num_workers``; if it delivers far more images/s than a step consumes, the
@@ -155,6 +156,12 @@ def time_decoders(cfg: DictConfig, size: int) -> dict[str, float]:
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+def _bf16_loss(model: torch.nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The loss as the trainer computes it with ``train.amp=bf16``: forward and loss under bf16 autocast."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16):
+        return sum(model(images, targets).values())
+
+
 def build_steps(cfg: DictConfig) -> tuple[dict[str, Callable[[], None]], str | None]:
     """One step function per row (``densekit``, ``effdet``, ``+cl`` for channels_last, ``densekit+ckpt``), each with
     its own copy of the same weights, and the effdet model's name (None without ``bench.compare``)."""
@@ -175,6 +182,8 @@ def build_steps(cfg: DictConfig) -> tuple[dict[str, Callable[[], None]], str | N
         if cfg.bench.compare and not checkpointing:
             fns["effdet" + suffix], ref_name = effdet_step(model, x, targets, LAYOUTS[layout])
         fns["densekit" + suffix] = step_fn(lambda m=model, x=x, t=targets: sum(m(x, t).values()), model.parameters())
+        if cfg.bench.bf16 and not checkpointing:  # train.amp=bf16: the same model under bf16 autocast
+            fns[f"densekit{suffix}+bf16"] = step_fn(lambda m=model, x=x, t=targets: _bf16_loss(m, x, t), model.parameters())
         if cfg.bench.compile and not checkpointing:  # train.compile: the same model through torch.compile
             compiled = torch.compile(model)
             fns[f"densekit{suffix}+compile"] = step_fn(

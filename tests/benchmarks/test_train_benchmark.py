@@ -33,18 +33,18 @@ def test_train_benchmark_times_both_implementations(
     assert "densekit+cl / effdet+cl (median, both channels_last)" in done.stdout
 
 
-def test_train_benchmark_reports_the_peak_memory_of_a_checkpointed_step(
+def test_train_benchmark_reports_the_peak_memory_of_checkpointed_and_bf16_steps(
     tmp_path: Path, run_script: Callable[..., subprocess.CompletedProcess]
 ) -> None:
     out = tmp_path / "train_bench.json"
     done = run_script(
         "train_benchmark.py", "model=efficientdet_lite0", "bench.image_size=128", "bench.batch_size=2", "bench.iters=1",
         "bench.warmup=0", "bench.compare=false", "bench.layouts=[nchw]", "bench.grad_checkpoint=true",
-        "bench.peak_memory=true", "bench.loader_images=0", f"bench.output={out}", env={"OMP_NUM_THREADS": "2"},
+        "bench.bf16=true", "bench.peak_memory=true", "bench.loader_images=0", f"bench.output={out}", env={"OMP_NUM_THREADS": "2"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["train_step"]) == set(result["peak_step_mib"]) == {"densekit", "densekit+ckpt"}
+    assert set(result["train_step"]) == set(result["peak_step_mib"]) == {"densekit", "densekit+bf16", "densekit+ckpt"}
     assert result["loader_images_per_s"] == result["decoder_images_per_s"] == {}
     assert "densekit+ckpt  step raises peak memory by" in done.stdout
 
