@@ -17,6 +17,7 @@ loader is not the bottleneck.
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import resource
@@ -156,9 +157,11 @@ def time_decoders(cfg: DictConfig, size: int) -> dict[str, float]:
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _bf16_loss(model: torch.nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """The loss as the trainer computes it with ``train.amp=bf16``: forward and loss under bf16 autocast."""
-    with torch.autocast(images.device.type, dtype=torch.bfloat16):
+def _loss(
+    model: torch.nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]], amp: torch.dtype | None = None
+) -> torch.Tensor:
+    """The summed losses as the trainer computes them; ``amp``: under autocast to that dtype (``train.amp``)."""
+    with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
         return sum(model(images, targets).values())
 
 
@@ -181,14 +184,13 @@ def build_steps(cfg: DictConfig) -> tuple[dict[str, Callable[[], None]], str | N
         suffix = "+ckpt" if checkpointing else "+cl" if layout == "channels_last" else ""
         if cfg.bench.compare and not checkpointing:
             fns["effdet" + suffix], ref_name = effdet_step(model, x, targets, LAYOUTS[layout])
-        fns["densekit" + suffix] = step_fn(lambda m=model, x=x, t=targets: sum(m(x, t).values()), model.parameters())
+        fns["densekit" + suffix] = step_fn(functools.partial(_loss, model, x, targets), model.parameters())
         if cfg.bench.bf16 and not checkpointing:  # train.amp=bf16: the same model under bf16 autocast
-            fns[f"densekit{suffix}+bf16"] = step_fn(lambda m=model, x=x, t=targets: _bf16_loss(m, x, t), model.parameters())
+            loss = functools.partial(_loss, model, x, targets, torch.bfloat16)
+            fns[f"densekit{suffix}+bf16"] = step_fn(loss, model.parameters())
         if cfg.bench.compile and not checkpointing:  # train.compile: the same model through torch.compile
-            compiled = torch.compile(model)
-            fns[f"densekit{suffix}+compile"] = step_fn(
-                lambda m=compiled, x=x, t=targets: sum(m(x, t).values()), model.parameters()
-            )
+            loss = functools.partial(_loss, torch.compile(model), x, targets)
+            fns[f"densekit{suffix}+compile"] = step_fn(loss, model.parameters())
     return fns, ref_name
 
 

@@ -65,18 +65,9 @@ def coco_paths(root: str | Path | None = None, split: str = "train") -> tuple[Pa
     return root / image_dir, root / ann_file
 
 
-def read_image(path: str | Path, decoder: str = "opencv") -> np.ndarray:
-    """Decode an image file to ``uint8`` RGB ``[H, W, 3]`` (:func:`densekit.data.decode.decode_file`).
-
-    EXIF orientation is ignored on purpose: COCO boxes are in the stored pixel frame (as PIL loads it), and
-    OpenCV would otherwise rotate some COCO photos away from their annotations.
-
-    Raises:
-        FileNotFoundError: The file does not exist.
-        OSError: The file cannot be decoded. Both are plain exception types so the message survives the re-raise
-            in the main process when the error happens in a DataLoader worker.
-    """
-    return decode_file(path, decoder)
+#: The public name (``densekit.data.read_image``) of :func:`densekit.data.decode.decode_file`: uint8 RGB in the stored
+#: pixel frame (EXIF ignored: COCO boxes are in that frame), FileNotFoundError / OSError naming the file.
+read_image = decode_file
 
 
 def _load_json(ann_file: Path) -> dict[str, Any]:
