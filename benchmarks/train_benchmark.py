@@ -9,14 +9,16 @@ model gets densekit's weights and the same batch (boxes converted to its yxyx, 1
 timed in turn. Each of ``bench.layouts`` (``nchw``, ``channels_last``: weights and batch NHWC, as
 ``train.channels_last``) times both implementations; ``bench.grad_checkpoint=true`` adds densekit with
 ``model.grad_checkpoint``; ``bench.bf16=true`` adds densekit under bf16 autocast (``train.amp=bf16``, the ``+bf16`` rows);
-``bench.compile=true`` adds densekit through ``torch.compile`` (``train.compile``; give it
-``bench.warmup=2`` or more: compiling and one recompilation happen there). ``bench.peak_memory=true`` runs one step of each row again in a fresh process and
+``bench.compile=true`` adds densekit through ``torch.compile`` (``train.compile``) and, with ``bench.compare``,
+effdet's whole bench compiled (the ``+compile`` rows, for each of ``bench.compile_layouts``; compiling happens in the
+first warm-up step: minutes). ``bench.peak_memory=true`` runs one step of each row again in a fresh process and
 reports how far the step raised its peak resident memory above the built models'. The loader is timed on the configured ``data`` (default: the synthetic set) with the train transform
 at the same resolution, for each ``bench.num_workers``; if it delivers far more images/s than a step consumes, the
 loader is not the bottleneck.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import multiprocessing
@@ -72,10 +74,11 @@ def step_fn(loss_fn: Callable[[], torch.Tensor], params: Iterable[torch.nn.Param
 
 def effdet_step(
     model: torch.nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]],
-    memory_format: torch.memory_format = torch.contiguous_format,
+    memory_format: torch.memory_format = torch.contiguous_format, compile: bool = False,
 ) -> tuple[Callable[[], None], str]:
     """effdet's ``DetBenchTrain`` step on the same batch, with ``model``'s weights (loaded into ``model``) stored in
-    ``memory_format``, and the effdet model's name; exits with the reason when ``model`` has no effdet twin."""
+    ``memory_format``, and the effdet model's name; exits with the reason when ``model`` has no effdet twin.
+    ``compile``: the whole bench (network, anchor labelling, loss) through ``torch.compile``."""
     try:
         bench, name = effdet_train_twin(model, tuple(images.shape[-2:]))
     except NoReferenceError as err:
@@ -83,7 +86,8 @@ def effdet_step(
     bench.model.to(memory_format=memory_format)
     normalised = (images - model.pixel_mean) / model.pixel_std
     target = effdet_targets(targets)
-    return step_fn(lambda: bench(normalised, target)["loss"], bench.model.parameters()), name
+    forward = torch.compile(bench) if compile else bench
+    return step_fn(lambda: forward(normalised, target)["loss"], bench.model.parameters()), name
 
 
 def _endless(loader: Iterable[Any]) -> Iterator[Any]:
@@ -188,9 +192,12 @@ def build_steps(cfg: DictConfig) -> tuple[dict[str, Callable[[], None]], str | N
         if cfg.bench.bf16 and not checkpointing:  # train.amp=bf16: the same model under bf16 autocast
             loss = functools.partial(_loss, model, x, targets, torch.bfloat16)
             fns[f"densekit{suffix}+bf16"] = step_fn(loss, model.parameters())
-        if cfg.bench.compile and not checkpointing:  # train.compile: the same model through torch.compile
-            loss = functools.partial(_loss, torch.compile(model), x, targets)
-            fns[f"densekit{suffix}+compile"] = step_fn(loss, model.parameters())
+        if cfg.bench.compile and layout in cfg.bench.compile_layouts and not checkpointing:  # on a copy: copies run eagerly
+            compiled = copy.deepcopy(model)
+            compiled.compile_for_training()
+            fns[f"densekit{suffix}+compile"] = step_fn(functools.partial(_loss, compiled, x, targets), compiled.parameters())
+            if cfg.bench.compare:
+                fns[f"effdet{suffix}+compile"], _ = effdet_step(model, x, targets, LAYOUTS[layout], compile=True)
     return fns, ref_name
 
 
@@ -265,9 +272,13 @@ def report(r: dict[str, Any]) -> str:
         if "effdet" + suffix in steps and "densekit" + suffix in steps:
             ratio = steps["densekit" + suffix]["median_ms"] / steps["effdet" + suffix]["median_ms"]
             lines.append(f"  densekit{suffix} / effdet{suffix} (median, both {what}): {ratio:.3f}")
-    if "densekit+cl" in steps and "effdet" in steps:
-        ratio = steps["densekit+cl"]["median_ms"] / steps["effdet"]["median_ms"]
-        lines.append(f"  densekit+cl / effdet (median; densekit's training default vs effdet as it ships): {ratio:.3f}")
+    comparisons = [("densekit+cl", "effdet", "densekit's training default vs effdet as it ships")]
+    comparisons += [(f"densekit{s}+compile", ref, what) for s in ("", "+cl") for ref, what in (
+        ("effdet", "compiled densekit vs effdet as it ships"), (f"effdet{s}+compile", "both compiled"))]
+    for row, ref, what in comparisons:
+        if row in steps and ref in steps:
+            ratio = steps[row]["median_ms"] / steps[ref]["median_ms"]
+            lines.append(f"  {row} / {ref} (median; {what}): {ratio:.3f}")
     for row, mib in r.get("peak_step_mib", {}).items():
         lines.append(f"  {row:14s} step raises peak memory by {mib:8.0f} MiB")
     for k, v in r["loader_images_per_s"].items():

@@ -163,7 +163,7 @@ class TrainConfig:
     amp: str = "none"  # none | fp16 | bf16 (bf16 also works on CPU)
     # NHWC weights and batches: oneDNN's and cuDNN's fast convolution layouts (docs/benchmarks.md: ~2x on CPU)
     channels_last: bool = True
-    # torch.compile of forward + loss: ~0.6x the eager step once compiled, after minutes of compiling (docs/training.md)
+    # torch.compile of the network and the loss: 0.7x the eager D0 step, after 2.5 min of compiling (docs/training.md)
     compile: bool = False
     checkpoint_every: int = 500  # steps
     eval_every_epochs: int = 0  # 0: evaluate only at the end

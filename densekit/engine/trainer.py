@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint.train_state import find_resume_checkpoint, load_checkpoint
 from ..config import TrainConfig
+from ..modeling.base import DenseModel
 from ..modeling.dual_bn import convert_to_dual_bn
 from . import distributed as dist_utils
 from .advprop import AdvProp
@@ -119,10 +120,15 @@ class Trainer:
             if self.distributed
             else None
         )
-        # train.compile: forward + loss (and so their backward) through torch.compile; minutes of compilation first.
+        # train.compile: the network and loss (and so their backward) through torch.compile; minutes of compilation
+        # first. A densekit model compiles its own tensor work (DenseModel.compile_for_training: the checks on the
+        # targets stay eager, and a new box count does not recompile the network); any other model as a whole.
         self.forward: nn.Module = self.ddp or self.model
         if cfg.compile:
-            self.forward = torch.compile(self.forward)
+            if isinstance(self.model, DenseModel):
+                self.model.compile_for_training()
+            else:
+                self.forward = torch.compile(self.forward)
 
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch == 0:

@@ -62,6 +62,32 @@ class DenseModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), persistent=False)
         self.size_divisor = max(backbone.strides)
         self._warned_sizes: set[tuple[int, int]] = set()
+        self._training_compiled: dict[str, Callable[..., Any]] = {}
+
+    # The methods train.compile compiles (compile_for_training): the training forward's tensor work, split where the
+    # shapes change for different reasons (the network with the image size, a detector's loss with the box count).
+    training_compile_targets: tuple[str, ...] = ("network",)
+
+    def compile_for_training(self, **options: Any) -> None:
+        """``train.compile``: run :attr:`training_compile_targets` through ``torch.compile`` (forward and backward)
+        in training mode. Target checks and padding stay eager, so they still raise on bad targets; evaluation
+        (``eval()`` mode) and copies of the model (the EMA, :func:`copy.deepcopy`) run eagerly.
+
+        The network compiles with static shapes, once per training size; the other targets (a detector's loss, whose
+        inputs grow with the number of boxes in the batch) recompile once more with dynamic shapes, then no more.
+        """
+        self._training_compiled = {
+            name: torch.compile(getattr(self, name), **{"dynamic": False if name == "network" else None, **options})
+            for name in self.training_compile_targets
+        }
+
+    def training_fn(self, name: str) -> Callable[..., Any]:
+        """Method ``name``, compiled when :meth:`compile_for_training` compiled it and the model is training."""
+        return self._training_compiled.get(name, getattr(self, name)) if self.training else getattr(self, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy runs eagerly: compiled functions belong to (and call) the model they were made from.
+        return {**self.__dict__, "_training_compiled": {}}
 
     @classmethod
     def compile_targets(cls) -> tuple[str, ...]:

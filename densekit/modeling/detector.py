@@ -69,14 +69,23 @@ class EfficientDet(DenseModel):
             if targets is None:
                 raise ValueError("in training mode the model needs targets: a list of {'boxes', 'labels'} per image")
             gt_boxes, gt_labels = self._pad_targets(targets, batch.shape[0], batch.device)
-        cls_out, box_out = self.network(batch)
-        box_deltas = flatten_levels(box_out, 4)
+        cls_out, box_out = self.training_fn("network")(batch)
         anchors = self.anchor_generator(self.padded_size(batch.shape[-2:]), batch.device)
         if self.training:
-            cls_logits = flatten_levels(cls_out, self.num_classes)
-            return self.loss(cls_logits, box_deltas, self.matcher(anchors, gt_boxes, gt_labels))
+            return self.training_fn("training_losses")(cls_out, box_out, anchors, gt_boxes, gt_labels)
         # Per-level class logits: top-k reads them in place instead of concatenating all N x C of them.
-        return self.postprocessor(level_views(cls_out, self.num_classes), box_deltas, anchors, sizes)
+        return self.postprocessor(level_views(cls_out, self.num_classes), flatten_levels(box_out, 4), anchors, sizes)
+
+    training_compile_targets = ("network", "training_losses")
+
+    def training_losses(
+        self, cls_out: list[torch.Tensor], box_out: list[torch.Tensor], anchors: torch.Tensor,
+        gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Per-level head outputs and padded targets (``[B, M, 4]`` xyxy, ``[B, M]`` labels, -1 padding) -> losses:
+        anchor matching and the focal / Huber losses, pure tensor work (compiled by ``train.compile``)."""
+        targets = self.matcher(anchors, gt_boxes, gt_labels)
+        return self.loss(flatten_levels(cls_out, self.num_classes), flatten_levels(box_out, 4), targets)
 
     def _pad_targets(self, targets: list[dict[str, torch.Tensor]], batch: int, device: torch.device):
         if len(targets) != batch:

@@ -76,10 +76,11 @@ class ArgMaxMatcher:
             matched |= is_forced
 
         labels = torch.where(matched, gt_labels.gather(1, best_gt), labels)
+        # Branchless (no `if crowd.any()`): no host sync per step, and one graph under torch.compile. Without crowd
+        # boxes crowd_iou is -1 everywhere and nothing changes.
         crowd = gt_labels == CROWD_LABEL
-        if crowd.any():
-            crowd_iou = iou.masked_fill(~crowd[..., None], -1.0).amax(1)
-            labels = labels.masked_fill(~matched & (crowd_iou >= self.iou_threshold), CROWD_LABEL)
+        crowd_iou = iou.masked_fill(~crowd[..., None], -1.0).amax(1)
+        labels = labels.masked_fill(~matched & (crowd_iou >= self.iou_threshold), CROWD_LABEL)
 
         matched_boxes = gt_boxes.gather(1, best_gt[..., None].expand(-1, -1, 4)).to(anchors.dtype)
         box_targets = self.box_coder.encode(matched_boxes, anchors.expand(batch, -1, -1))

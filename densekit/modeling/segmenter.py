@@ -148,7 +148,7 @@ class Segmenter(DenseModel):
             if targets is None:
                 raise ValueError("in training mode the model needs targets: a list of {'sem_seg': LongTensor [H, W]}")
             target = self._stack_targets(targets, sizes, self.padded_size(batch.shape[-2:]), batch.device)
-            return {"loss_seg": self.loss(self.network(batch), target)}
+            return {"loss_seg": self.loss(self.training_fn("network")(batch), target)}
         # argmax is per pixel: one label map for the padded batch, then a view of each image's own region.
         labels = self.predict_labels(batch)
         return [{"sem_seg": labels[i, :h, :w]} for i, (h, w) in enumerate(sizes)]

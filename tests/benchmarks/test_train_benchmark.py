@@ -59,3 +59,36 @@ def test_train_benchmark_refuses_a_model_without_an_effdet_twin(
     assert done.returncode == 1
     assert "bench.compare=true: densekit's efficientdet_lite0 as configured has" in done.stderr
     assert "not the same model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_compile_rows_compile_densekit_per_layout_and_effdet_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.compile=true: ``+compile`` rows only for bench.compile_layouts, densekit through compile_for_training (its
+    network and loss) on a copy, effdet's whole bench; the compiled steps run and report their ratios. torch.compile
+    is replaced by a recording identity here: inductor's minutes of compiling are what the benchmark itself measures."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from benchmarks.train_benchmark import build_steps, report
+
+    compiled: list[str] = []
+
+    def fake_compile(fn, **options):
+        compiled.append(type(getattr(fn, "__self__", fn)).__name__ + "." + getattr(fn, "__name__", "forward"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    root = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base=None):
+        cfg = compose("train_benchmark", overrides=[
+            "model=efficientdet_d0", "bench.image_size=64",
+            "bench.batch_size=2", "bench.compile=true", "bench.compile_layouts=[channels_last]"])
+    fns, _ = build_steps(cfg)
+    assert list(fns) == ["effdet", "densekit", "effdet+cl", "densekit+cl", "densekit+cl+compile", "effdet+cl+compile"]
+    assert compiled == ["EfficientDet.network", "EfficientDet.training_losses", "DetBenchTrain.forward"]
+    for step in fns.values():
+        step()
+    fake = {"median_ms": 1.0, "mean_ms": 1.0, "p90_ms": 1.0, "fps": 1.0}
+    text = report({"model": "d0", "batch_size": 1, "image_size": 64, "device": "cpu", "torch": "x",
+                   "train_step": {k: fake for k in fns}, "loader_images_per_s": {}})
+    assert "densekit+cl+compile / effdet (median; compiled densekit vs effdet as it ships): 1.000" in text
+    assert "densekit+cl+compile / effdet+cl+compile (median; both compiled): 1.000" in text
