@@ -137,6 +137,14 @@ def test_int8_compiled_runs_int8_kernels_and_saves_a_program(detector, int8_dete
         assert len(q(x)) == 1
     for a, b in zip(eager[0] + eager[1], compiled[0] + compiled[1]):
         assert correlation(a, b) > 0.99
+    # Every quantised conv runs as an int8 kernel, the head's level-shared depthwise convs included: the only float
+    # convs are the prepacked output layers kept in float, none with its weight dequantised per call.
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        q.forward_raw(x)
+    ops = [e.name for e in prof.events()]
+    assert ops.count("onednn::qconv_pointwise") > 0
+    assert ops.count("aten::convolution") == ops.count("aten::mkldnn_convolution") == 0
+    assert ops.count("mkldnn::_convolution_pointwise") == 2 * len(compiled[0])  # class + box predictor per level
     path = tmp_path / "int8.pt2"
     assert save_quantized(q, path) == ["network"]
     loaded = torch.export.load(path).module()
