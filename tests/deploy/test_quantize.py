@@ -157,9 +157,11 @@ def test_int8_onnx_export_is_qdq_and_matches_onnxruntime(int8_detector, tmp_path
     onnx = pytest.importorskip("onnx")
     path = tmp_path / "int8.onnx"
     diffs = export_int8_onnx(int8_detector, path)
-    # Not parity yet: onnxruntime's QDQ graph differs from torch's by ~2.4% (mean over mean magnitude) on this
-    # model, more than rounding ties explain (docs/benchmarks.md "INT8 / BF16 on CPU"); this bounds the gap.
+    # Random BN statistics make this tiny D0 chaotic under rounding: the two int8 runtimes end a few % apart (1-step
+    # flips spread by squeeze-excitation; export_int8_onnx's docstring), but onnxruntime's int8 is as close to fp32
+    # as torch's: the same quantised model, evaluated as faithfully.
     assert diffs["exact"] < 5e-2 and diffs["fused"] < 5e-2, diffs
+    assert diffs["exact_vs_fp32"] <= 1.5 * diffs["torch_vs_fp32"] + 1e-3, diffs
     ops = {node.op_type for node in onnx.load(path).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
 
@@ -178,3 +180,13 @@ def test_bf16_refused_without_cpu_support(detector, monkeypatch) -> None:
     monkeypatch.setattr("densekit.deploy.quantize.bf16_supported", lambda: False)
     with pytest.raises(QuantizationError, match="no native bf16"):
         quantize(detector, precision="bf16")
+
+
+def test_int8_onnx_equals_torch_int8_on_a_well_conditioned_model(tmp_path) -> None:
+    """With BN at its initialisation nothing lands near a rounding boundary: the QDQ graph as written (no onnxruntime
+    fusions) reproduces torch's int8 outputs, so the export itself is op-for-op faithful."""
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = densekit.create_model("efficientdet_d0", num_classes=5, **TINY_DET).eval()
+    diffs = export_int8_onnx(quantize(model, list(images(4, seed=2)), "int8", compile=False), tmp_path / "int8.onnx")
+    assert diffs["exact"] < 1e-4, diffs
