@@ -257,9 +257,9 @@ def _unshare_conv_weights(module: torch.fx.GraphModule) -> int:
             name = f"_unshared_{node.target.replace('.', '_')}_{copies}"
             module.register_buffer(name, _get_attr(module, node.target).detach().clone())
             with module.graph.inserting_before(reader):
-                copy = module.graph.get_attr(name)
-            copy.meta = dict(node.meta)
-            reader.replace_input_with(node, copy)
+                own = module.graph.get_attr(name)
+            own.meta = dict(node.meta)
+            reader.replace_input_with(node, own)
             copies += 1
     if copies:
         module.graph.lint()
