@@ -32,16 +32,17 @@ from densekit.tasks.base import Task
 log = logging.getLogger("densekit.train")
 
 
-def init_backbone(model: torch.nn.Module, choice: str | None, backbone_name: str) -> str:
-    """Apply ``train.backbone_weights`` (auto | none | path); returns what was used, for the summary."""
+def init_backbone(model: torch.nn.Module, choice: str | None, backbone_name: str) -> tuple[str, bool]:
+    """Apply ``train.backbone_weights`` (auto | none | path); returns what was used (for the summary) and whether
+    the backbone now holds trained weights."""
     if choice in (None, "none"):
-        return "random init"
+        return "random init", False
     path = packaged_weights(backbone_name) if choice == "auto" else Path(choice)
     if path is None:
         log.warning("no installed ImageNet weights for %s: the backbone starts from random init", backbone_name)
-        return "random init (no packaged weights)"
+        return "random init (no packaged weights)", False
     model.backbone.load_weights(read_state_dict(path), source=f"backbone weights {path}")
-    return str(path)
+    return str(path), True
 
 
 def build_train_loader(
@@ -90,12 +91,12 @@ def train(cfg: DictConfig) -> dict:
     model = build_model(model_cfg)
     if cfg.weights:  # fine-tuning: another class count re-initialises only the class predictor
         load_for_finetuning(model, read_model_weights(cfg.weights))
-        init = str(cfg.weights)
+        init, pretrained = str(cfg.weights), True
     elif not cfg.model.backbone.weights and not cfg.model.backbone.pretrained:
-        init = init_backbone(model, train_cfg.backbone_weights, cfg.model.backbone.name)
+        init, pretrained = init_backbone(model, train_cfg.backbone_weights, cfg.model.backbone.name)
     else:
-        init = "model.backbone config"
-    if init.startswith("random init") and train_cfg.freeze_at > 0:
+        init, pretrained = "model.backbone config", True  # the backbone loaded its weights when it was built
+    if not pretrained and train_cfg.freeze_at > 0:
         log.warning("train.freeze_at=%d freezes randomly initialised backbone layers (they will never learn); "
                     "train from scratch with train.freeze_at=0", train_cfg.freeze_at)
 

@@ -56,6 +56,8 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     assert "stage 1 / 2 from epoch 0 (64 px, scale jitter" in done.stderr + done.stdout
     assert "stage 2 / 2 from epoch 1 (128 px, scale jitter" in done.stderr + done.stdout
     assert "AP50" in done.stdout and f"run directory: {run}" in done.stdout
+    # The recipe's freeze_at=2 on a backbone_weights=none backbone: frozen random layers never learn; say so.
+    assert "train.freeze_at=2 freezes randomly initialised backbone layers" in done.stderr + done.stdout
     return run, datasets
 
 
