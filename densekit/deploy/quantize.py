@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -255,7 +256,7 @@ def _unshare_conv_weights(module: torch.fx.GraphModule) -> int:
         readers = [u for u in node.users if u.op == "call_function" and u.target in _CONVS and u.args[1] is node]
         for reader in readers[1:]:
             name = f"_unshared_{node.target.replace('.', '_')}_{copies}"
-            module.register_buffer(name, _get_attr(module, node.target).detach().clone())
+            module.register_buffer(name, operator.attrgetter(node.target)(module).detach().clone())
             with module.graph.inserting_before(reader):
                 own = module.graph.get_attr(name)
             own.meta = dict(node.meta)
@@ -268,12 +269,6 @@ def _unshare_conv_weights(module: torch.fx.GraphModule) -> int:
 
 
 _CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding, torch.ops.aten.convolution.default)
-
-
-def _get_attr(module: nn.Module, target: str) -> torch.Tensor:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module  # type: ignore[return-value]
 
 
 class _Int8Target:
@@ -360,7 +355,7 @@ def export_int8_onnx(model: nn.Module, path: Any, opset: int = 18, rtol: float =
     data = data.model_proto.SerializeToString()
     with torch.no_grad():
         ref = torch.utils._pytree.tree_leaves(target.graph(example))
-        fp32 = torch.utils._pytree.tree_leaves(getattr(type(model), "network")(model, example))  # the float network
+        fp32 = torch.utils._pytree.tree_leaves(_Target(model, "network")(example))  # the float network
     scale = max(float(r.abs().max()) for r in ref) or 1.0
     diffs: dict[str, float] = {"torch_vs_fp32": _mean_gap(ref, fp32)}
     for name, level in (("exact", ort.GraphOptimizationLevel.ORT_DISABLE_ALL), ("fused", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
