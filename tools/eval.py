@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from densekit.checkpoint.io import atomic_write
 from densekit.config import register_configs
+from densekit.deploy.formats import artifact_of
 from densekit.deploy.optimize import optimize_for_inference
 from densekit.deploy.quantize import calibration_set
 from densekit.engine import distributed as dist_utils
@@ -42,7 +43,11 @@ def evaluate(cfg: DictConfig) -> dict:
     task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
     model.to(device)
     precision = str(cfg.eval.precision)
-    if cfg.eval.fold_bn or cfg.eval.channels_last or cfg.eval.compile or precision != "fp32":
+    if artifact_of(model) is not None:  # an exported artifact: its precision and graph were fixed at export
+        if precision != "fp32":
+            raise ValueError(f"eval.precision={precision} applies to PyTorch weights; {cfg.weights} runs as exported "
+                             "(export it at that precision: tools/export.py export.precision=...)")
+    elif cfg.eval.fold_bn or cfg.eval.channels_last or cfg.eval.compile or precision != "fp32":
         # int8 calibrates on train-split images (densekit.deploy.quantize.calibration_set), never on the scored split.
         calibration = calibration_set(task, cfg, cfg.eval.calibration_images) if precision == "int8" else None
         model = optimize_for_inference(

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -142,6 +143,11 @@ def _export_module(model: nn.Module, image_size: tuple[int, int], postprocess: b
     return task_of_model(config).export_module(model, image_size, postprocess)
 
 
+def export_output_names(model: nn.Module, image_size: tuple[int, int], postprocess: bool) -> list[str]:
+    """The names of the outputs ``model``'s exported graph has, in order."""
+    return _export_module(model, image_size, postprocess)[1]
+
+
 def _check_size(image_size: tuple[int, int], batch: int) -> tuple[int, int]:
     if len(image_size) != 2 or min(int(image_size[0]), int(image_size[1])) < 1:
         raise ValueError(f"image_size must be (H, W) with positive sides, got {image_size!r}")
@@ -184,37 +190,17 @@ def _onnx_opset(model_bytes: bytes) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike,
-    image_size: tuple[int, int],
-    batch: int = 1,
-    opset: int = 17,
-    postprocess: bool = False,
-) -> Path:
-    """Export ``model`` (a densekit detector or segmenter) to ONNX at a fixed batch size and input size.
-
-    Args:
-        model: The model; it is put in eval mode (BatchNorm folds to its running statistics).
-        path: Output ``.onnx`` file; written atomically (a partial file never appears under this name).
-        image_size: Input ``(H, W)``.
-        batch: Batch size baked into the graph.
-        opset: ONNX opset version.
-        postprocess: Detectors only: include top-k, decoding and hard NMS (see the module docstring).
-
-    Returns:
-        The path written.
-
-    Raises:
-        ExportError: The model or option cannot be exported (e.g. soft-NMS post-processing, a segmenter with
-            ``postprocess=True``, or an operator torch's exporter does not support).
-    """
+def onnx_model_bytes(
+    model: nn.Module, image_size: tuple[int, int], batch: int = 1, opset: int = 17, postprocess: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """The serialised ONNX graph of ``model`` (see :func:`export_onnx`), with ``metadata`` in its ``metadata_props``."""
     h, w = _check_size(image_size, batch)
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist")
     model.eval()
     module, output_names = _export_module(model, (h, w), postprocess)
+    # The wrapper too: a TorchScript export restores the mode of the module it traced, and a wrapper left in
+    # training mode would switch the model back to training (batch statistics) after the export.
+    module.eval()
     device = next(model.parameters()).device
     module.to(device)
     example = torch.rand(batch, 3, h, w, device=device)
@@ -227,6 +213,53 @@ def export_onnx(
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(err).__name__}: {err}") from err
     if written != opset:  # the exporter may keep a newer opset when it cannot convert down: say so, not ship it
         raise ExportError(f"asked for opset {opset}, torch's exporter produced opset {written}")
+    return with_metadata(model_bytes, metadata) if metadata else model_bytes
+
+
+def with_metadata(model_bytes: bytes, metadata: Mapping[str, str]) -> bytes:
+    """``model_bytes`` with ``metadata`` set in the graph's ``metadata_props`` (existing keys replaced)."""
+    import onnx
+
+    proto = onnx.load_from_string(model_bytes)
+    kept = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    return proto.SerializeToString()
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    image_size: tuple[int, int],
+    batch: int = 1,
+    opset: int = 17,
+    postprocess: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Export ``model`` (a densekit detector or segmenter) to ONNX at a fixed batch size and input size.
+
+    Args:
+        model: The model; it is put in eval mode (BatchNorm folds to its running statistics).
+        path: Output ``.onnx`` file; written atomically (a partial file never appears under this name).
+        image_size: Input ``(H, W)``.
+        batch: Batch size baked into the graph.
+        opset: ONNX opset version.
+        postprocess: Detectors only: include top-k, decoding and hard NMS (see the module docstring).
+        metadata: Key / value strings stored in the graph's ``metadata_props`` (densekit's artifact description).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ExportError: The model or option cannot be exported (e.g. soft-NMS post-processing, a segmenter with
+            ``postprocess=True``, or an operator torch's exporter does not support).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    model_bytes = onnx_model_bytes(model, image_size, batch, opset, postprocess, metadata)
     # The graph is checked before anything is written; the file then appears whole or not at all.
     with atomic_write(path) as f:
         f.write(model_bytes)

@@ -26,6 +26,7 @@ from ..checkpoint.weights import read_model_weights
 from ..data.coco import read_image
 from ..labels import class_names_of
 from ..modeling.build import build_model, build_with_weights, load_model_config
+from .formats import artifact_of, is_artifact, load_artifact_model
 from .optimize import optimize_for_inference
 from .predictions import Prediction
 
@@ -73,6 +74,10 @@ def load_model(model: str | Any, weights: str | os.PathLike | None, prefer_ema: 
     ``load_model("efficientdet_d0", "run/checkpoints/last.pth")`` builds the run's head with its class names.
     ``overrides`` (nested dicts, as :func:`densekit.create_model`) apply to a model given by name.
     """
+    if isinstance(model, (str, os.PathLike)) and is_artifact(model):  # Predictor("lite0.xml")
+        if weights is not None:
+            raise ValueError(f"{model} is an exported artifact, it holds its weights: drop weights={weights}")
+        return load_artifact_model(model)
     if isinstance(model, nn.Module):
         if getattr(model, "config", None) is None:
             raise ValueError("Predictor needs a densekit model (built by densekit.create_model / build_model)")
@@ -81,7 +86,7 @@ def load_model(model: str | Any, weights: str | os.PathLike | None, prefer_ema: 
             load_state_dict_any(model, found.state_dict, found.source)
         return model
     cfg = load_model_config(model, **overrides) if isinstance(model, str) else OmegaConf.merge(model, overrides)
-    if weights is not None:
+    if weights is not None:  # a checkpoint, or an exported artifact (runs in its own runtime)
         return build_with_weights(cfg, weights, prefer_ema=prefer_ema)[0]  # a densekit run knows its classes
     net = build_model(cfg)
     log.warning("no weights given: %s predicts with freshly initialised weights", net.config.name)
@@ -94,14 +99,17 @@ class Predictor:
     :class:`~densekit.deploy.predictions.SegmentationMap`).
 
     Args:
-        model: A ``conf/model`` name (``"efficientdet_d0"``), a model config (e.g. Hydra's ``cfg.model``) or a
-            densekit model (put in eval mode on ``device``; with ``optimize`` a rewritten copy runs).
+        model: A ``conf/model`` name (``"efficientdet_d0"``), a model config (e.g. Hydra's ``cfg.model``), a
+            densekit model (put in eval mode on ``device``; with ``optimize`` a rewritten copy runs), or an exported
+            artifact (``"lite0.xml"``, see :mod:`densekit.deploy.formats`), which carries its config and weights.
         weights: A checkpoint for ``weights=`` (densekit, efficientdet-pytorch or torchvision layout); the class
-            count and names a densekit training run recorded are used. ``None`` keeps the model's weights.
+            count and names a densekit training run recorded are used. ``None`` keeps the model's weights. An
+            exported artifact of the named model works too: it then runs in its runtime (OpenVINO, onnxruntime,
+            TensorRT) with this class's pre- and post-processing.
         device: Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
         score_threshold: Detection: keep boxes scoring at least this.
         image_size: Model input: detection an int (default: the model's ``image_size``); segmentation ``[H, W]``
-            (default: each image at full resolution, as the evaluation).
+            (default: each image at full resolution, as the evaluation). An artifact's default is its input size.
         optimize: Fold BatchNorm and use channels_last (:func:`densekit.optimize_for_inference`); same outputs to
             float rounding, less time.
         compile: Also ``torch.compile`` (one compile per input shape: worth it for many same-size images).
@@ -132,10 +140,16 @@ class Predictor:
         self.config = net.config
         self.task = task_of_model(net.config)
         self.class_names = class_names_of(net.config)
+        artifact = artifact_of(net)
+        if artifact is not None and image_size is None:  # an artifact's input size is fixed: resize to it
+            image_size = list(artifact.info.image_size)
         self.inference = self.task.inference(net.config, image_size, score_threshold)
-        self.channels_last = optimize
+        self.channels_last = optimize and artifact is None
         self.model = net
-        if optimize or compile:  # a rewritten copy; the original is dropped
+        if artifact is not None:  # an artifact is already optimised by its runtime
+            if compile:
+                raise ValueError("compile=True is for PyTorch weights; an exported artifact runs in its own runtime")
+        elif optimize or compile:  # a rewritten copy; the original is dropped
             self.model = optimize_for_inference(net, fold_bn=optimize, channels_last=optimize, compile=compile)
         self.batch_size = batch_size
 

@@ -140,7 +140,16 @@ def create_model(name: str, num_classes: int | None = None, weights: str | os.Pa
 def build_with_weights(model_cfg: Any, weights: str | os.PathLike, prefer_ema: bool = False) -> tuple[nn.Module, str]:
     """The model of ``model_cfg`` as the checkpoint ``weights`` records it (a densekit run's class count and names,
     a zoo entry's config keys), loaded all-or-nothing: what tools/eval.py, tools/export.py and the Predictor run.
-    Returns the model and a description of the weights for messages (e.g. ``"EMA weights of run/last.pth"``)."""
+    Returns the model and a description of the weights for messages (e.g. ``"EMA weights of run/last.pth"``).
+
+    ``weights`` may also be an exported artifact (``.onnx``, ``.xml``, ``.engine``): the model then runs it
+    (:func:`densekit.deploy.formats.load_artifact_model`; it must be an artifact of ``model_cfg``'s model)."""
+    from ..deploy.formats import FORMATS, is_artifact, load_artifact_model  # late: deploy imports modeling
+
+    if is_artifact(weights):
+        model = load_artifact_model(weights, expected=model_cfg)
+        info = model.artifact.info
+        return model, f"{FORMATS.get(info.format).runtime_name} {info.precision} artifact {weights}"
     found = read_model_weights(weights, prefer_ema=prefer_ema)
     model = build_model(OmegaConf.merge(model_cfg, found.model_overrides))
     load_state_dict_any(model, found.state_dict, found.source)
