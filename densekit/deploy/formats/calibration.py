@@ -54,18 +54,28 @@ def output_producers(graph_outputs: list[Any], producer_of: Any) -> list[str]:
     return sorted({producer_of(out) for out in graph_outputs})
 
 
-def nncf_quantize(model: Any, inputs: list[np.ndarray], keep_float: list[str]) -> Any:
+def nncf_quantize(
+    model: Any, inputs: list[np.ndarray], keep_float: list[str], feed: Any = None, per_tensor_activations: bool = False
+) -> Any:
     """NNCF post-training quantisation of an ONNX ``ModelProto`` or an OpenVINO ``Model`` (same call, NNCF picks the
-    backend), calibrated on ``inputs``, with the nodes named in ``keep_float`` left in float."""
+    backend), calibrated on ``inputs``, with the nodes named in ``keep_float`` left in float. ``feed`` turns an input
+    array into what the backend's engine takes (ONNX: ``{input name: array}``; OpenVINO takes the array).
+    ``per_tensor_activations``: one scale / zero point per activation tensor, as onnxruntime's integer convolution
+    (``QLinearConv``: "input zero point must be a scalar") and TensorRT require; OpenVINO runs per-channel ones."""
     try:
         import nncf
     except ImportError as err:
         raise ArtifactError(f"int8 export needs NNCF: pip install 'densekit[deploy]' ({err})") from err
 
-    dataset = nncf.Dataset(inputs)
+    dataset = nncf.Dataset(inputs, feed)
     scope = nncf.IgnoredScope(names=keep_float, validate=False) if keep_float else None
     log.info("NNCF: calibrating int8 on %d batches, keeping %d output layers in float", len(inputs), len(keep_float))
     kwargs: dict[str, Any] = {"subset_size": len(inputs)}  # items of the dataset, i.e. batches
+    if per_tensor_activations:
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+        kwargs["advanced_parameters"] = AdvancedQuantizationParameters(
+            activations_quantization_params=QuantizationParameters(per_channel=False))
     if scope is not None:
         kwargs["ignored_scope"] = scope
     return nncf.quantize(model, dataset, **kwargs)

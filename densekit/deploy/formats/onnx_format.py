@@ -76,7 +76,9 @@ def quantize_onnx(model_bytes: bytes, request: ExportRequest, info: ArtifactInfo
     proto = onnx.load_from_string(model_bytes)
     outputs = {o.name for o in proto.graph.output}
     keep = output_producers([n for n in proto.graph.node if outputs & set(n.output)], lambda node: node.name)
-    quantized = nncf_quantize(proto, calibration_inputs(request, info), keep)
+    name = proto.graph.input[0].name
+    quantized = nncf_quantize(proto, calibration_inputs(request, info), keep, feed=lambda images: {name: images},
+                              per_tensor_activations=True)
     return quantized.SerializeToString()
 
 
