@@ -8,15 +8,17 @@ a step that fails or runs out of time is recorded and the next one runs):
    (``.whl/`` or ``$DENSEKIT_WHEELS``; made beforehand by ``--fetch-wheels`` on a machine with PyPI) into a
    private folder on ``PYTHONPATH``, else pip from the network;
 2. ``environment``: GPU, driver, CUDA / cuDNN / torch / torchvision / timm versions;
-3. ``tests_gpu``: ``pytest tests/gpu`` with ``DENSEKIT_TEST_DEVICE=cuda`` (a skip counts as a failure);
+3. ``tests_gpu``: ``pytest tests/gpu`` with ``DENSEKIT_TEST_DEVICE=cuda`` (a skip counts as a failure, unless
+   it says an optional runtime is missing: TensorRT, which step 5 reports);
 4. ``benchmarks/benchmark.py`` (``bench.optimize`` default: BN folded, channels_last, compiled with CUDA graphs,
    cudnn.benchmark; fp16): D0 512 batch 1 and 8, ESeg-Lite-S and LR-ASPP-Large at 1024x2048, D7x 1536 (eager:
-   compiling it takes minutes), and D0 batch 1 eager, to show what compiling brings.
+   compiling it takes minutes), and D0 batch 1 eager, to show what compiling brings; after the first two,
+5. ``tensorrt`` (``tools/device_check_tensorrt.py``): D0 and ESeg-Lite-S as TensorRT fp16 engines against PyTorch.
 
 ``--dry-run`` (or ``DRY_RUN=1``) runs the same steps on the CPU at tiny sizes (tests/gpu with
-``DENSEKIT_TEST_DEVICE=cpu``; 128 px inputs, one timed call, random weights, fp32, no compile), so that the script
-is known to work before it meets a GPU. The JSON is rewritten after every step, so a killed run still leaves one;
-the log is written as the steps print.
+``DENSEKIT_TEST_DEVICE=cpu``; 128 px inputs, one timed call, random weights, fp32, no compile; onnxruntime
+for TensorRT), so that the script is known to work before it meets a GPU. The JSON is rewritten after every step,
+so a killed run still leaves one; the log is written as the steps print.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+import device_check_tensorrt as tensorrt_step  # tools/, this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's densekit (for its JSON writer), installed or not
@@ -59,7 +63,10 @@ TARGETS = [
     ("bench_d0_b1", "network", 440.0, "NVIDIA TensorRT FP16 sample: D0 2.27 ms"),
     ("bench_d0_b1", "end_to_end", 250.0, "issue 12 target (paper: 97 FPS on a V100)"),
     ("bench_eseg_lite_s", "network", 189.0, "ESeg paper: ESeg-Lite-S 189 FPS at 1024x2048"),
+    ("tensorrt", "efficientdet_d0/network", 440.0, "NVIDIA TensorRT FP16 sample: D0 2.27 ms"),
 ]
+OPTIONAL_SKIP = "optional runtime missing"  # in tests/gpu's skip reason: a skip that does not fail tests_gpu
+OUTCOMES = ("passed", "failure", "error", "skipped")
 
 
 @dataclass(frozen=True)
@@ -257,18 +264,20 @@ def _has(program: str) -> bool:
 
 
 def tests_gpu(check: Check) -> None:
-    """pytest tests/gpu; ok only if something ran and nothing failed, errored or skipped."""
+    """pytest tests/gpu; ok only if something ran and nothing failed, errored or skipped (but for OPTIONAL_SKIP)."""
     junit = check.work / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu", f"--junitxml={junit}"]
-    step = check.run("tests_gpu", cmd, 150 if check.dry_run else 130)
+    step = check.run("tests_gpu", cmd, 150)  # on the GPU too: the TensorRT test builds an engine (tens of s)
     if junit.exists():
         cases = ET.parse(junit).getroot().iter("testcase")
         results = {}
         for case in cases:
-            outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
-            results[f"{case.get('classname')}::{case.get('name')}"] = outcome
+            found = next((c for c in case if c.tag in OUTCOMES[1:]), None)  # TensorRT missing: skipped_optional
+            optional = found is not None and found.tag == "skipped" and OPTIONAL_SKIP in found.get("message", "")
+            results[f"{case.get('classname')}::{case.get('name')}"] = (
+                "passed" if found is None else "skipped_optional" if optional else found.tag)
         step["tests"] = results
-        step["counts"] = {o: list(results.values()).count(o) for o in ("passed", "failure", "error", "skipped")}
+        step["counts"] = {o: list(results.values()).count(o) for o in (*OUTCOMES, "skipped_optional")}
         if step["status"] == "ok" and (step["counts"]["passed"] == 0 or step["counts"]["skipped"]):
             step.update(status="failed", reason="tests/gpu skipped tests or ran none: they did not run on the device")
     check.record(step)
@@ -281,9 +290,10 @@ def benchmark(check: Check, bench: Bench) -> None:
     check.record(bench_step(check.run(bench.name, cmd, bench.timeout_s), output))
 
 
-def benchmarks_in_one_process(check: Check, benches: list[Bench]) -> None:
+def benchmarks_in_one_process(check: Check, benches: list[Bench]) -> dict[str, Any]:
     """Dry-run benchmarks: the same overrides, run by one worker process (:func:`bench_worker`), because on a
-    2-core machine importing torch, torchvision and Hydra costs 5-10 s a process; one step record per benchmark."""
+    2-core machine importing torch, torchvision and Hydra costs 5-10 s a process; one step record per benchmark.
+    The worker then runs the TensorRT step's plan, if any (:mod:`device_check_tensorrt`); returns its record."""
     specs = {b.name: b.overrides(True, check.work / f"{b.name}.json") for b in benches}
     (check.work / "benches.json").write_text(json.dumps(specs))  # the worker's input, not a result
     cap = sum(b.timeout_s for b in benches)
@@ -296,6 +306,7 @@ def benchmarks_in_one_process(check: Check, benches: list[Bench]) -> None:
         if status["status"] != "ok":
             step.setdefault("output_tail", worker.get("output_tail", ""))
         check.record(bench_step(step, check.work / f"{bench.name}.json"))
+    return worker
 
 
 def bench_step(step: dict[str, Any], output: Path) -> dict[str, Any]:
@@ -334,7 +345,7 @@ def bench_worker(work: Path) -> int:
             done = {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
             print(f"=== {name} FAILED: {done['reason']}", flush=True)
         atomic_save_json({**done, "seconds": round(time.monotonic() - start, 1)}, work / f"{name}.done.json")
-    return 0
+    return tensorrt_step.run_plan(work) if (work / tensorrt_step.PLAN).exists() else 0
 
 
 def judge_targets(check: Check) -> None:
@@ -388,8 +399,10 @@ def run_steps(check: Check, dry_run: bool) -> None:
     # The dry run times its first benchmark as the GPU run does (a process of its own), the others in one process.
     for bench in BENCHES[:1] if dry_run else BENCHES:
         benchmark(check, bench)
-    if dry_run:
-        benchmarks_in_one_process(check, BENCHES[1:])
+        if bench.name == "bench_eseg_lite_s":  # the TensorRT step, in its own process, after the target benchmarks
+            tensorrt_step.run_step(check)
+    if dry_run:  # the TensorRT step's CPU stand-in runs in the benchmarks' worker process, after them
+        tensorrt_step.run_step(check, lambda: benchmarks_in_one_process(check, BENCHES[1:]))
     judge_targets(check)
 
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue 12): installs what is missing, runs tests/gpu, then the paper benchmarks, and
-# writes device_check.json + device_check.log into $OUT (or --out DIR, else ./device_check_out). Ends within
-# 8 minutes: every step has its own timeout inside one budget, and this script stops the driver at 470 s.
+# The one prepared GPU check (issue 12): installs what is missing, runs tests/gpu, then the paper benchmarks and
+# (issue 22) TensorRT fp16 engines of D0 / ESeg-Lite-S against PyTorch (tools/device_check_tensorrt.py; TensorRT
+# must be installed there: its wheels are too large to carry), and writes device_check.json + device_check.log into
+# $OUT (or --out DIR, else ./device_check_out). Ends within 8 minutes: every step has its own timeout inside one
+# budget, and this script stops the driver at 470 s.
 #
 #   bash tools/device_check.sh                 # on the GPU machine
-#   bash tools/device_check.sh --dry-run       # the same steps on the CPU at tiny sizes (or DRY_RUN=1), ~1-2 min
+#   bash tools/device_check.sh --dry-run       # the same steps on the CPU at tiny sizes (or DRY_RUN=1), ~1-2 min;
+#                                              # onnxruntime stands in for TensorRT (the JSON says so)
 #   python tools/device_check.py --fetch-wheels .whl   # beforehand, where PyPI is reachable: the device's wheels
 #
 # The interpreter: $PYTHON, else this checkout's .venv, else python3 (on the GPU machine the one that holds its

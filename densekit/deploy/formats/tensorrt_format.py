@@ -1,9 +1,11 @@
 """``export.format=tensorrt``: a TensorRT engine built from densekit's ONNX graph by TensorRT's Python builder, on
 the CUDA GPU that will run it (an engine is specific to its GPU and TensorRT version).
 
-* fp32; fp16 (``BuilderFlag.FP16``: TensorRT picks fp16 kernels where they are faster); int8 from NNCF's calibrated
-  QDQ graph (explicit quantisation, the path TensorRT 10 recommends over its deprecated implicit calibrators), with
-  ``INT8`` and ``FP16`` allowed for the layers left in float.
+* fp32 (TF32 off); fp16 (``BuilderFlag.FP16``: TensorRT picks fp16 kernels where they are faster); int8 from NNCF's
+  calibrated QDQ graph (explicit quantisation, the path TensorRT 10 recommends over its deprecated implicit
+  calibrators), with ``INT8`` and ``FP16`` allowed for the layers left in float. TensorRT 11 dropped the precision
+  flags (strongly typed networks only): fp16 there is refused with the fix (TensorRT 10), int8 keeps its float
+  layers in fp32.
 * ``export.postprocess=true`` keeps densekit's in-graph decoding and NMS (ONNX ``NonMaxSuppression``, which
   TensorRT runs as its own NMS layer), for deployments that read the boxes directly.
 
@@ -50,10 +52,19 @@ def build_engine(onnx_bytes: bytes, precision: str, source: str) -> bytes:
         raise ArtifactError(f"TensorRT cannot parse the ONNX graph of {source}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    flags = trt.BuilderFlag
+    if precision == "fp32" and hasattr(flags, "TF32"):
+        config.clear_flag(flags.TF32)  # on by default on Ampere and newer: an fp32 engine computes in fp32
     if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
+        if hasattr(flags, "FP16"):  # TensorRT <= 10: weakly typed networks, precisions allowed by flags
+            config.set_flag(flags.FP16)
+            if precision == "int8":
+                config.set_flag(flags.INT8)
+        elif precision == "fp16":
+            # TensorRT 11 builds strongly typed networks only: an fp16 engine needs a graph typed fp16.
+            raise ArtifactError(f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed networks only); "
+                                "install TensorRT 10 for fp16 engines: pip install 'tensorrt-cu13<11' (or cu12)")
+        # (int8 on TensorRT 11: the QDQ graph states its precisions itself, and the float layers stay fp32.)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise ArtifactError(f"TensorRT failed to build an engine for {source} (its log above says why)")
