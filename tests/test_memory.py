@@ -4,13 +4,17 @@ import sys
 
 import pytest
 
+from densekit.utils import memory
+
 # A forward pass's allocation pattern: activations of a few MiB, each freed once the next one exists. Prints the
 # minor page faults of five passes after three warm-up ones, with or without retain_freed_memory() first.
 PASSES = """
-import resource, sys, torch
-from densekit.utils.memory import retain_freed_memory
-if sys.argv[1] == "retain":
-    assert retain_freed_memory() and retain_freed_memory()  # in force, and idempotent
+import importlib.util, resource, sys, torch
+if sys.argv[1] == "retain":  # the module alone: importing the densekit package would cost seconds per process
+    spec = importlib.util.spec_from_file_location("memory", sys.argv[2])
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    assert memory.retain_freed_memory() and memory.retain_freed_memory()  # in force, and idempotent
 sizes = [4 << 20, 1 << 20, 2 << 20, 512 << 10, 3 << 20, 1 << 20]  # float32 elements: 0.5-16 MiB
 def forward():
     previous = torch.ones(8)
@@ -26,7 +30,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
 
 def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PASSES, mode], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PASSES, mode, memory.__file__], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
 
