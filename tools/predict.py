@@ -170,7 +170,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     predictor = Predictor(cfg.model, weights=cfg.weights, device=cfg.device, score_threshold=p.score_threshold,
                           image_size=p.image_size, optimize=p.optimize, compile=p.compile, batch_size=p.batch_size,
-                          prefer_ema=p.ema)
+                          prefer_ema=p.ema, backend=p.backend)
     load_seconds = time.perf_counter() - start
     report = Report()
     record: dict[str, Any] = {"model": predictor.config.name, "weights": cfg.weights, "input": source_path,

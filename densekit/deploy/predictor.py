@@ -23,10 +23,11 @@ from torch import nn
 
 from ..checkpoint.convert import load_state_dict_any
 from ..checkpoint.weights import read_model_weights
+from ..config import image_size_arg
 from ..data.coco import read_image
 from ..labels import class_names_of
 from ..modeling.build import build_model, build_with_weights, load_model_config
-from .formats import artifact_of, is_artifact, load_artifact_model
+from .formats import artifact_of, convert_model, is_artifact, load_artifact_model
 from .optimize import optimize_for_inference
 from .predictions import Prediction
 
@@ -115,6 +116,10 @@ class Predictor:
         compile: Also ``torch.compile`` (one compile per input shape: worth it for many same-size images).
         batch_size: Images per forward pass.
         prefer_ema: Use a training checkpoint's EMA weights when it has them.
+        backend: ``"torch"`` runs PyTorch weights in PyTorch. A format name (``"openvino"``, ``"onnx"``) converts
+            them once, at construction, and runs them in that runtime with the same pre- and post-processing
+            (:func:`densekit.deploy.formats.convert_model`; a few seconds, then OpenVINO's CPU kernels: see
+            docs/deployment.md). An exported artifact always runs in its own runtime.
         **overrides: Model config overrides for a model given by name, e.g. ``num_classes=3``.
     """
 
@@ -129,6 +134,7 @@ class Predictor:
         compile: bool = False,
         batch_size: int = 1,
         prefer_ema: bool = True,
+        backend: str = "torch",
         **overrides: Any,
     ) -> None:
         from ..tasks import task_of_model  # late: the tasks import the evaluation loops, Predictor's users may not
@@ -140,6 +146,8 @@ class Predictor:
         self.config = net.config
         self.task = task_of_model(net.config)
         self.class_names = class_names_of(net.config)
+        if backend != "torch" and artifact_of(net) is None:
+            net = self._convert(net, backend, image_size, batch_size)
         artifact = artifact_of(net)
         if artifact is not None and image_size is None:  # an artifact's input size is fixed: resize to it
             image_size = list(artifact.info.image_size)
@@ -152,6 +160,14 @@ class Predictor:
         elif optimize or compile:  # a rewritten copy; the original is dropped
             self.model = optimize_for_inference(net, fold_bn=optimize, channels_last=optimize, compile=compile)
         self.batch_size = batch_size
+
+    def _convert(self, net: nn.Module, backend: str, image_size: Any, batch_size: int) -> nn.Module:
+        """``net`` converted to ``backend`` at the input size this predictor feeds it."""
+        if image_size is None and self.task.name == "segmentation":
+            raise ValueError(f"backend={backend!r} runs a fixed input size: pass image_size=[H, W] (segmentation "
+                             "predicts at each image's full resolution by default, which only backend='torch' can)")
+        size = image_size_arg(image_size, net.config.image_size)
+        return convert_model(net, backend, size, batch_size).to(self.device)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
         """One image -> its prediction; a list (or a ``[B, 3, H, W]`` / ``[B, H, W, 3]`` batch) -> a list."""

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMATS", "ArtifactError", "ArtifactInfo", "ArtifactNetwork", "ExportFormat", "ExportRequest", "Runtime",
-    "artifact_of", "export_artifact", "format_of_path", "is_artifact", "load_artifact_model", "load_runtime",
+    "artifact_of", "convert_model", "export_artifact", "format_of_path", "is_artifact", "load_artifact_model", "load_runtime",
 ]
 
 
@@ -97,3 +99,27 @@ def export_artifact(
     path = fmt.export(request, info)
     log.info("wrote %s (%s %s)", path, format, precision)
     return path
+
+
+def convert_model(model: nn.Module, format: str, image_size: tuple[int, int], batch: int = 1) -> nn.Module:
+    """``model`` as a ``format`` artifact (fp32) running in its runtime, without keeping a file: what
+    ``densekit.Predictor(..., backend="openvino")`` runs. The artifact is written to a temporary folder that lives
+    as long as the returned model (``model.artifact``), loaded like any artifact, and checked to give ``model``'s
+    outputs on one input.
+
+    Raises:
+        ArtifactError: the format is unknown or not installed, or the converted model disagrees with ``model``.
+    """
+    from .artifact import compare_outputs
+
+    fmt = FORMATS.get(format)
+    folder = tempfile.TemporaryDirectory(prefix="densekit-")
+    path = export_artifact(model, format, Path(folder.name) / f"model{fmt.suffix}", image_size, batch=batch)
+    converted = load_artifact_model(path)
+    converted.artifact.folder = folder  # removed when the converted model is
+    images = torch.rand(batch, 3, *image_size, generator=torch.Generator().manual_seed(0))
+    gap = compare_outputs(model, converted, images.to(next(model.parameters()).device))
+    if gap["max_abs"] > 1e-3 * max(gap["scale"], 1.0):
+        raise ArtifactError(f"{format} conversion of {model.config.name} differs from PyTorch by {gap['max_abs']:.3g} "
+                            f"(outputs up to {gap['scale']:.3g}); run it with backend='torch'")
+    return converted
