@@ -59,6 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not e.output:
         suffix = FORMATS.get(e.format).suffix if e.format in FORMATS else ".onnx"
         raise ValueError(f"export.output is required, e.g. export.output=model{suffix}")
+    FORMATS.get(e.format).check_available()  # a missing runtime fails before any model is built
     if cfg.weights:  # a densekit run's class count (and a zoo entry's config) come with its checkpoint
         model = build_with_weights(cfg.model, cfg.weights, prefer_ema=cfg.ema)[0].eval()
     else:

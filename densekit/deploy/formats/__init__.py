@@ -76,7 +76,7 @@ def export_artifact(
     if precision not in fmt.precisions:
         raise ArtifactError(f"export.format={format} writes precisions {', '.join(fmt.precisions)}, not {precision!r}")
     if output.suffix.lower() != fmt.suffix:
-        raise ArtifactError(f"export.output={output}: a {format} artifact is a {fmt.suffix} file "
+        raise ArtifactError(f"export.output={output}: an artifact of export.format={format} is a {fmt.suffix} file "
                             f"(e.g. {output.with_suffix(fmt.suffix).name})")
     if not output.parent.is_dir():
         raise ArtifactError(f"output directory {output.parent} does not exist")
