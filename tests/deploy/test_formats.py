@@ -356,6 +356,21 @@ def test_predictor_on_artifacts_equals_the_checkpoint_predictor(det_artifact, ch
         assert got.names == want.names
 
 
+def test_predictor_backend_converts_a_checkpoint_once(checkpoint: Path, segmenters) -> None:
+    """``Predictor(..., backend="openvino")`` runs the checkpoint in OpenVINO with the same boxes as PyTorch; a
+    segmenter at full resolution (no fixed size) is refused with what to pass."""
+    photo = np.ascontiguousarray(cv2.resize(photos.astronaut(), (160, 120), interpolation=cv2.INTER_AREA))
+    kwargs = dict(weights=checkpoint, image_size=SIZE, score_threshold=0.2, **TINY)
+    want = densekit.Predictor("efficientdet_d0", **kwargs)(photo)
+    converted = densekit.Predictor("efficientdet_d0", backend="openvino", **kwargs)
+    assert converted.model.artifact.info.format == "openvino"
+    got = converted(photo)
+    assert len(got) == len(want) > 0
+    np.testing.assert_allclose(got.boxes, want.boxes, rtol=1e-4, atol=1e-2)
+    with pytest.raises(ValueError, match=r"pass image_size=\[H, W\]"):
+        densekit.Predictor(segmenters["lraspp_mobilenet_v3_small"], backend="openvino")
+
+
 # --- TensorRT ------------------------------------------------------------------------------------------------------
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
