@@ -71,8 +71,9 @@ class ArtifactNetwork(nn.Module):
             h, w = info.image_size
             raise ArtifactError(
                 f"{self.runtime.path} was exported for {h}x{w} inputs, got {batch.shape[-2]}x{batch.shape[-1]}: "
-                f"run it at image_size={h if h == w else [h, w]} (detection: data.image_size={h}), or export again at "
-                "the size you need"
+                f"feed it {h}x{w} images (detection: data.image_size={h}; segmentation: data.eval_size=[{h},{w}]; "
+                f"Predictor / tools/predict.py: image_size={h if h == w else [h, w]}), or export again at the size you "
+                "need"
             )
         images = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
         images = images.to(self.runtime.device).contiguous()
