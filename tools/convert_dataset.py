@@ -13,6 +13,8 @@ Defaults under ``--root``: VOC ``Annotations/`` (xml), ``JPEGImages/`` (images),
 ``labels[/<split>]/``, class names from ``data.yaml`` / ``classes.txt`` / ``obj.names`` in the root, the label or the
 image folder. ``--images`` / ``--labels`` override the folders. The conversion rules (coordinates, ``difficult``,
 negatives) are in the docstrings of :mod:`densekit.data.converters.voc` and :mod:`densekit.data.converters.yolo`.
+Boxes that run past their image are clipped to it, and boxes wholly outside it left out, as training does (the
+summary counts both), so the json evaluation scores is the one training uses.
 The json is written atomically; a one-screen summary is printed.
 """
 from __future__ import annotations

@@ -119,6 +119,24 @@ def _lookup(sorted_ids: Sequence[int], query: np.ndarray) -> tuple[np.ndarray, n
     return index, known[index] != query
 
 
+def _fix_ground_truth(anns: list[dict], keep: np.ndarray, partly: np.ndarray, clipped: np.ndarray) -> None:
+    """Make the evaluation ground truth (``anns``, in place) the boxes training uses: dropped boxes removed, partly
+    outside ones clipped (``bbox``) with ``area`` capped at the clipped box's area.
+
+    ``area`` is what COCOeval sorts ground truth into small / medium / large by. It is the box area in converted
+    datasets (then it becomes the clipped box's area) and the mask area in COCO's own files (a mask lies inside its
+    image, so the cap leaves it as it is, or nearly).
+    """
+    for i in np.flatnonzero(partly):
+        x0, y0, x1, y1 = (float(v) for v in clipped[i])
+        ann = anns[i]
+        ann["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+        if isinstance(ann.get("area"), (int, float)):
+            ann["area"] = min(float(ann["area"]), (x1 - x0) * (y1 - y0))
+    if not keep.all():
+        anns[:] = [a for a, k in zip(anns, keep.tolist()) if k]
+
+
 class CocoDetection(Dataset):
     """A COCO-format detection dataset returning ``(image, target)`` pairs for :class:`EfficientDet`.
 
@@ -135,7 +153,11 @@ class CocoDetection(Dataset):
         train: Keep crowd boxes as ignore regions instead of dropping them.
 
     Attributes:
-        coco: The pycocotools ``COCO`` object over the unmodified annotations (the evaluation ground truth).
+        coco: The pycocotools ``COCO`` object of the evaluation ground truth: the json's annotations (crowd ones
+            included) with the boxes training uses, i.e. zero-area boxes and boxes wholly outside their image
+            removed and boxes partly outside clipped to it (``area`` capped at the clipped box's), so COCOeval never
+            scores against a box training silently changed. The load logs one warning with the counts.
+        box_fixes: How many annotations were dropped as ``zero_area`` or ``outside`` and how many ``clipped``.
         image_ids: COCO image id of each index, sorted.
         cat_ids / label_to_cat_id: COCO category id of each label.
         cat_id_to_label: The inverse mapping.
@@ -246,9 +268,13 @@ class CocoDetection(Dataset):
             examples = ann_ids[degenerate | outside | partly][:5].tolist()
             log.warning(
                 "%s: dropped %d zero-area boxes and %d boxes entirely outside their image, clipped %d boxes partly "
-                "outside their image (of %d; e.g. annotation ids %s)",
+                "outside their image (of %d; e.g. annotation ids %s); the evaluation ground truth is cleaned the "
+                "same way",
                 self.ann_file, degenerate.sum(), outside.sum(), partly.sum(), n, examples,
             )
+            _fix_ground_truth(anns, keep, partly, clipped)
+        self.box_fixes = {"zero_area": int(degenerate.sum()), "outside": int(outside.sum()),
+                          "clipped": int(partly.sum())}
         labels = np.where(crowd, CROWD_LABEL, label)
         if not self.train:
             keep &= ~crowd

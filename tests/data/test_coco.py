@@ -101,8 +101,10 @@ def test_eval_drops_crowd_and_keeps_images_without_boxes(coco):
     assert target["labels"].tolist() == [0, 2, 2]
     _, empty = ds[ds.image_ids.index(3)]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
-    # The pycocotools object keeps the unmodified ground truth (crowd included) for COCOeval.
-    assert len(ds.coco.getAnnIds(imgIds=[1])) == 6 and len(ds.coco.getAnnIds(imgIds=[3])) == 0
+    # The pycocotools object keeps the ground truth (crowd included) for COCOeval, cleaned as training's boxes are:
+    # the zero-area and the wholly outside box dropped, the partly outside one clipped.
+    assert len(ds.coco.getAnnIds(imgIds=[1])) == 4 and len(ds.coco.getAnnIds(imgIds=[3])) == 0
+    assert ds.coco.anns[105]["bbox"] == [50.0, 40.0, 14.0, 8.0] and 104 not in ds.coco.anns and 106 not in ds.coco.anns
 
 
 def test_eval_loader_batches_and_scale(coco):

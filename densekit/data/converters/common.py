@@ -48,13 +48,15 @@ class ImageRecord:
 @dataclass
 class Conversion:
     """The result of a conversion: the COCO dict (class names in its ``categories``), a description of the source,
-    the folder its ``file_name`` entries are relative to (the dataset's image folder for training), and what was
-    left out as ``(where, why)`` pairs, so a user sees every file or entry that is not in the json."""
+    the folder its ``file_name`` entries are relative to (the dataset's image folder for training), what was
+    left out as ``(where, why)`` pairs, so a user sees every file or entry that is not in the json, and where the
+    boxes that were clipped to their image are (see :func:`clip_to_image`)."""
 
     coco: dict[str, Any]
     source: str
     image_root: Path
     skipped: list[tuple[str, str]]
+    clipped: list[str] = field(default_factory=list)  # where each box clipped to its image is (xml object, line)
 
     def summary(self, output: str | Path | None = None, max_skipped: int = 10) -> str:
         """A one-screen report: images, boxes per class, skipped files or entries with reasons, the output path."""
@@ -68,8 +70,13 @@ class Conversion:
         for cat in self.coco["categories"]:
             cid = cat["id"]
             lines.append(f"  {cid:>4}  {cat['name']:<24} {per_cat[cid]:>7} {crowd[cid]:>8}")
+        if self.clipped:
+            shown = ", ".join(self.clipped[:3]) + (", ..." if len(self.clipped) > 3 else "")
+            lines.append(f"clipped {len(self.clipped)} boxes that ran past their image to it (e.g. {shown})")
         if self.skipped:
-            lines.append(f"skipped {len(self.skipped)}:")
+            outside = sum(why.startswith(OUTSIDE_REASON) for _, why in self.skipped)
+            dropped = f" ({outside} boxes entirely outside their image)" if outside else ""
+            lines.append(f"skipped {len(self.skipped)}{dropped}:")
             lines += [f"  {where}: {why}" for where, why in self.skipped[:max_skipped]]
             if len(self.skipped) > max_skipped:
                 lines.append(f"  ... and {len(self.skipped) - max_skipped} more")
@@ -77,6 +84,41 @@ class Conversion:
         if output is not None:
             lines.append(f"wrote {output}")
         return "\n".join(lines)
+
+
+# The start of the ``skipped`` reason of a box that lies entirely outside its image (the summary counts them).
+OUTSIDE_REASON = "box lies entirely outside its image"
+
+# Edges past the image by at most this many pixels are float rounding (YOLO's normalised coordinates of a box that
+# touches the border): clipped, but not reported.
+_CLIP_TOLERANCE = 1e-6
+
+
+def clip_to_image(xywh: tuple[float, float, float, float], height: int, width: int
+                  ) -> tuple[tuple[float, float, float, float] | None, bool]:
+    """``xywh`` clipped to the ``width`` x ``height`` image, as :class:`~densekit.data.coco.CocoDetection` clips
+    boxes for training, so the json that evaluation scores holds the boxes that training uses.
+
+    Returns:
+        ``(box, changed)``: the clipped box, or ``None`` when clipping leaves nothing (the box lies entirely
+        outside the image); ``changed`` is true when an edge moved by more than float rounding.
+    """
+    x, y, w, h = xywh
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x1 <= x0 or y1 <= y0:
+        return None, True
+    changed = max(abs(x0 - x), abs(y0 - y), abs(x1 - (x + w)), abs(y1 - (y + h))) > _CLIP_TOLERANCE
+    if (x0, y0, x1, y1) == (x, y, x + w, y + h):
+        return xywh, False  # inside: the source values exactly
+    return (x0, y0, x1 - x0, y1 - y0), changed
+
+
+def describe_box(xywh: tuple[float, float, float, float], height: int, width: int) -> str:
+    """The ``skipped`` reason of a box that clipping empties."""
+    x, y, w, h = xywh
+    return (f"{OUTSIDE_REASON} (xmin={x:g}, ymin={y:g}, xmax={x + w:g}, ymax={y + h:g}; "
+            f"the image is {height}x{width} HxW)")
 
 
 def build_coco(records: list[ImageRecord], class_names: list[str], first_id: int = 1) -> dict[str, Any]:

@@ -3,6 +3,8 @@ COCO json.
 
 Coordinates are kept exactly as the xml gives them: ``bbox = [xmin, ymin, xmax - xmin, ymax - ymin]``, so the json
 reproduces the source boxes to float precision and a box drawn from it lands where the annotation tool drew it.
+A box that runs past its image is clipped to it and one wholly outside is left out (both counted in the summary),
+as :class:`~densekit.data.coco.CocoDetection` does for training, so evaluation scores the boxes training uses.
 VOC's own integers are 1-based inclusive pixel indices, and toolkits disagree on shifting them:
 
 * detectron2 (``detectron2/data/datasets/pascal_voc.py``, ``load_voc_instances``) subtracts 1 from ``xmin`` and
@@ -30,6 +32,8 @@ from .common import (
     ConversionError,
     ImageRecord,
     build_coco,
+    clip_to_image,
+    describe_box,
     finite_floats,
     image_size,
     relative_name,
@@ -47,6 +51,7 @@ class _VocObject:
     name: str
     xyxy: tuple[float, float, float, float]
     difficult: bool
+    number: int = 0  # 1-based position among the xml's <object>s (0: unknown)
 
 
 def voc_to_coco(
@@ -94,16 +99,21 @@ def voc_to_coco(
         raise ConversionError(f"no image converted from {annotations_dir}: {skipped[:3] or 'no xml files found'}")
     names = list(class_names) if class_names else sorted({o.name for *_, objs in parsed for o in objs})
     index = {name: i for i, name in enumerate(names)}
+    clipped: list[str] = []
     for xml, rec, objects in parsed:
-        rec.boxes = _boxes(xml, objects, index, difficult)
+        rec.boxes = _boxes(xml, rec, objects, index, difficult, skipped, clipped)
     coco = build_coco([rec for _, rec, _ in parsed], names, first_id)
-    return Conversion(coco, f"Pascal VOC {annotations_dir}", images_dir, skipped)
+    return Conversion(coco, f"Pascal VOC {annotations_dir}", images_dir, skipped, clipped)
 
 
-def _boxes(xml: Path, objects: list[_VocObject], index: dict[str, int], difficult: str) -> list[Box]:
-    """The COCO boxes of one xml's objects: ``[xmin, ymin, xmax - xmin, ymax - ymin]``, difficult ones as asked."""
+def _boxes(
+    xml: Path, rec: ImageRecord, objects: list[_VocObject], index: dict[str, int], difficult: str,
+    skipped: list[tuple[str, str]], clipped: list[str],
+) -> list[Box]:
+    """The COCO boxes of one xml's objects: ``[xmin, ymin, xmax - xmin, ymax - ymin]`` clipped to the image (boxes
+    clipping empties go to ``skipped``, clipped ones to ``clipped``), difficult ones as asked."""
     boxes = []
-    for obj in objects:
+    for k, obj in enumerate(objects, start=1):
         if obj.name not in index:
             raise ConversionError(
                 f"{xml}: class {obj.name!r} is not in the class list {list(index)}; add it to the list"
@@ -111,7 +121,14 @@ def _boxes(xml: Path, objects: list[_VocObject], index: dict[str, int], difficul
         if obj.difficult and difficult == "drop":
             continue
         x0, y0, x1, y1 = obj.xyxy
-        boxes.append(Box(index[obj.name], (x0, y0, x1 - x0, y1 - y0), iscrowd=obj.difficult and difficult == "ignore"))
+        xywh, changed = clip_to_image((x0, y0, x1 - x0, y1 - y0), rec.height, rec.width)
+        where = f"{xml} object {obj.number or k}"
+        if xywh is None:
+            skipped.append((where, describe_box((x0, y0, x1 - x0, y1 - y0), rec.height, rec.width)))
+            continue
+        if changed:
+            clipped.append(where)
+        boxes.append(Box(index[obj.name], xywh, iscrowd=obj.difficult and difficult == "ignore"))
     return boxes
 
 
@@ -157,7 +174,7 @@ def _parse_xml(
     objects = []
     for k, obj in enumerate(root.findall("object"), start=1):
         try:
-            objects.append(_parse_object(obj))
+            objects.append(_parse_object(obj, k))
         except ValueError as err:
             if not skip_bad:
                 raise ConversionError(
@@ -195,7 +212,7 @@ def _find_image(xml: Path, root: ET.Element, annotations_dir: Path, images_dir: 
     raise _Skip(f"no image file for it in {folder} (tried {tried}{xml.stem} with the suffixes {IMAGE_SUFFIXES})")
 
 
-def _parse_object(obj: ET.Element) -> _VocObject:
+def _parse_object(obj: ET.Element, number: int = 0) -> _VocObject:
     name = (obj.findtext("name") or "").strip()
     if not name:
         raise ValueError("no <name>")
@@ -210,4 +227,4 @@ def _parse_object(obj: ET.Element) -> _VocObject:
     flag = (obj.findtext("difficult") or "0").strip()
     if flag not in ("0", "1"):
         raise ValueError(f"{name!r}: <difficult> must be 0 or 1 (got {flag!r})")
-    return _VocObject(name, (x0, y0, x1, y1), flag == "1")
+    return _VocObject(name, (x0, y0, x1, y1), flag == "1", number)

@@ -4,7 +4,9 @@ Layouts: ultralytics' ``images/<split>/x.jpg`` <-> ``labels/<split>/x.txt``, a f
 or labels next to their images (pass the same folder twice); sub-folders mirror each other. Image sizes come from
 the image headers. The conversion is ``x = (cx - w / 2) * W``, ``y = (cy - h / 2) * H``, ``w * W``, ``h * H`` in
 float64, so the inverse gives the source values back to float precision. Images without a label file, or with an
-empty one, are negatives: kept, with no boxes (ultralytics' "backgrounds").
+empty one, are negatives: kept, with no boxes (ultralytics' "backgrounds"). A box that runs past the image
+(``cx - w / 2 < 0`` and the like) is clipped to it and counted in the summary, as
+:class:`~densekit.data.coco.CocoDetection` clips it for training, so evaluation scores the boxes training uses.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from .common import (
     ConversionError,
     ImageRecord,
     build_coco,
+    clip_to_image,
+    describe_box,
     finite_floats,
     image_size,
     relative_name,
@@ -71,6 +75,7 @@ def yolo_to_coco(
             raise ConversionError(f"YOLO {what} folder {folder} does not exist")
     images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     skipped: list[tuple[str, str]] = []
+    clipped: list[str] = []
     records, used = [], set()
     for image in images:
         try:
@@ -82,20 +87,21 @@ def yolo_to_coco(
         label = labels_dir / image.relative_to(images_dir).with_suffix(".txt")
         if label.is_file():
             used.add(label)
-            rec.boxes = _read_labels(label, height, width, len(class_names), skip_bad, skipped)
+            rec.boxes = _read_labels(label, height, width, len(class_names), skip_bad, skipped, clipped)
         records.append(rec)
     for orphan in sorted(set(labels_dir.rglob("*.txt")) - used):
         if orphan.name not in CLASS_LIST_NAMES:
             skipped.append((str(orphan), f"no image of this name under {images_dir}"))
     if not records:
         raise ConversionError(f"no image converted from {images_dir}: {skipped[:3] or 'no image files found'}")
-    return Conversion(build_coco(records, class_names, first_id), f"YOLO {images_dir}", images_dir, skipped)
+    return Conversion(build_coco(records, class_names, first_id), f"YOLO {images_dir}", images_dir, skipped, clipped)
 
 
 def _read_labels(
-    path: Path, height: int, width: int, num_classes: int, skip_bad: bool, skipped: list[tuple[str, str]]
+    path: Path, height: int, width: int, num_classes: int, skip_bad: bool, skipped: list[tuple[str, str]],
+    clipped: list[str],
 ) -> list[Box]:
-    """The boxes of one label file; blank lines are allowed."""
+    """The boxes of one label file, clipped to the image (where noted in ``clipped``); blank lines are allowed."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
@@ -117,7 +123,13 @@ def _read_labels(
                 f"{path}:{number}: class id {label} is out of range: the class list has {num_classes} names "
                 f"(ids 0..{num_classes - 1}); use the class list these labels were made with"
             )
-        boxes.append(Box(label, xywh))
+        box, changed = clip_to_image(xywh, height, width)
+        if box is None:  # cannot happen for 0 <= cx, cy <= 1 with w, h > 0; kept for safety
+            skipped.append((f"{path}:{number}", describe_box(xywh, height, width)))
+            continue
+        if changed:
+            clipped.append(f"{path}:{number}")
+        boxes.append(Box(label, box))
     return boxes
 
 
