@@ -69,8 +69,16 @@ def cityscapes_root(root: str | Path | None = None) -> Path:
     return root
 
 
+def _is_palette_png(data: np.ndarray) -> bool:
+    """Whether the bytes are a PNG of colour type 3 (palette), read from the IHDR chunk."""
+    return data.size > 25 and data[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and int(data[25]) == 3
+
+
 def read_label(path: str | Path) -> np.ndarray:
     """Decode a single-channel 8-bit label PNG to ``uint8 [H, W]``.
+
+    A palette PNG (mode ``"P"``, the Pascal VOC ``SegmentationClass`` format) reads as its palette indices, which
+    are the class ids (VOC: 0 background, 1-20 the classes, 255 the ignored boundary), not as the colours shown.
 
     Raises:
         FileNotFoundError: The file does not exist.
@@ -81,12 +89,19 @@ def read_label(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"label file {path} does not exist")
     data = np.fromfile(path, dtype=np.uint8)
     label = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if label is not None and _is_palette_png(data):
+        # A palette PNG (Pascal VOC SegmentationClass): the palette index is the class; OpenCV expands it to colours.
+        from PIL import Image
+
+        with Image.open(path) as im:
+            label = np.array(im) if im.mode == "P" else label
     if label is None:
         raise OSError(f"cannot decode label file {path} ({data.size} bytes): not a readable image")
     if label.ndim != 2 or label.dtype != np.uint8:
         raise OSError(
             f"label file {path} is {label.dtype} with shape {list(label.shape)}; expected a single-channel 8-bit "
-            "id image (not the *_color.png visualisation)"
+            "id image or a palette PNG whose indices are the classes (not an RGB colour visualisation such as "
+            "Cityscapes' *_color.png)"
         )
     return label
 

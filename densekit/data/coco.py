@@ -65,8 +65,8 @@ def coco_paths(root: str | Path | None = None, split: str = "train") -> tuple[Pa
     return root / image_dir, root / ann_file
 
 
-#: The public name (``densekit.data.read_image``) of :func:`densekit.data.decode.decode_file`: uint8 RGB in the stored
-#: pixel frame (EXIF ignored: COCO boxes are in that frame), FileNotFoundError / OSError naming the file.
+#: The public name (``densekit.data.read_image``) of :func:`densekit.data.decode.decode_file`: uint8 RGB in the frame
+#: EXIF orientation declares (``exif=False``: the stored frame), FileNotFoundError / OSError naming the file.
 read_image = decode_file
 
 
@@ -166,9 +166,10 @@ class CocoDetection(Dataset):
 
     def __init__(
         self, image_dir: str | Path, ann_file: str | Path, transform: Transform | None = None, train: bool = True,
-        decoder: str = "opencv",
+        decoder: str = "opencv", exif: bool = True,
     ) -> None:
         self.image_dir = Path(image_dir)
+        self.exif = exif  # decode in the orientation EXIF declares (the displayed frame), as the boxes are drawn
         self.ann_file = Path(ann_file)
         self.transform = transform
         self.train = train
@@ -301,14 +302,20 @@ class CocoDetection(Dataset):
         path = self.image_path(index)
         image_id = self.image_ids[index]
         try:
-            image = read_image(path, self.decoder)
+            image = read_image(path, self.decoder, exif=self.exif)
         except OSError as e:  # FileNotFoundError included; re-raised with the dataset context, same type
             raise type(e)(f"{e} (image id {image_id} in {self.ann_file})") from None
         orig_size = (int(image.shape[0]), int(image.shape[1]))
         if orig_size != tuple(self._sizes[index].tolist()):
+            exif = ""
+            if orig_size == tuple(self._sizes[index].tolist())[::-1]:  # the json has the other frame of the photo
+                exif = (" (its EXIF orientation rotates it: " + ("the json describes the stored frame; if the boxes "
+                        "were drawn on it, set data.exif_orientation=false" if self.exif else "the json describes the "
+                        "displayed frame; set data.exif_orientation=true") + ")")
             raise ValueError(
                 f"image file {path} is {orig_size[0]}x{orig_size[1]} (HxW) but {self.ann_file} says "
                 f"{self._sizes[index][0]}x{self._sizes[index][1]} for image id {image_id}; its boxes would be wrong"
+                + exif
             )
         boxes, labels = self.annotations(index)
         if self.transform is not None:

@@ -141,7 +141,7 @@ def save_visualizations(model: nn.Module, dataset: Any, count: int, out_dir: Pat
         image, target = dataset[index]
         det = model(image[None].to(device))[0]
         boxes = (det["boxes"].cpu().numpy() / float(target["scale"])).astype(np.float32)
-        original = read_image(dataset.image_path(index))
+        original = read_image(dataset.image_path(index), exif=getattr(dataset, "exif", True))
         drawn = draw_detections(original, boxes, det["scores"].cpu().numpy(), det["labels"].cpu().numpy(), class_names)
         save_image(out_dir / f"{int(target['image_id'])}.jpg", drawn)
     model.train(was_training)

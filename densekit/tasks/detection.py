@@ -77,7 +77,8 @@ def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, 
         # Robustness evaluation: data.corruption (gaussian_noise | gaussian_blur) on the original eval images.
         else corrupting(build_eval_transform(image_size, **fill_of(pixel_mean)), data_cfg)
     )
-    return CocoDetection(image_dir, ann_file, transform=transform, train=train, decoder=data_cfg.get("decoder", "opencv"))
+    return CocoDetection(image_dir, ann_file, transform=transform, train=train, decoder=data_cfg.get("decoder", "opencv"),
+                         exif=bool(data_cfg.get("exif_orientation", True)))
 
 
 def label_map_for_model(dataset: CocoDetection, num_classes: int) -> list[int]:

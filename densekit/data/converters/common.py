@@ -197,10 +197,15 @@ def _yaml_names(path: Path) -> list[str]:
     return [str(n).strip() for n in names]
 
 
-def image_size(path: Path) -> tuple[int, int]:
+#: EXIF orientations (tag 0x0112) that rotate by 90 degrees: the displayed frame swaps width and height.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(path: Path, exif: bool = True) -> tuple[int, int]:
     """``(height, width)`` of an image from its header only (PIL opens lazily; the pixels are not decoded).
 
-    The size is the stored frame, EXIF orientation ignored, as :func:`densekit.data.coco.read_image` loads it.
+    The size is the frame :func:`densekit.data.coco.read_image` loads: the displayed one, after the EXIF orientation
+    (``exif=False``: the stored one).
 
     Raises:
         OSError: the file is not a readable image (message names it).
@@ -208,9 +213,10 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             width, height = im.size
+            rotated = exif and im.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise OSError(f"cannot read image {path}: {err}") from None
-    return int(height), int(width)
+    return (int(width), int(height)) if rotated else (int(height), int(width))
 
 
 def finite_floats(values: list[str]) -> list[float] | None:

@@ -167,9 +167,12 @@ def _parse_xml(
     except OSError as err:
         raise _Skip(str(err)) from None
     if size is not None and size != file_size:
+        exif = (" (EXIF orientation rotates the photo: the xml was made on its stored frame, densekit reads the "
+                "displayed one, as viewers show it; rotate the boxes, or save the photo without the EXIF rotation)"
+                if size == file_size[::-1] else "")
         raise ConversionError(
-            f"{xml}: <size> says {size[0]}x{size[1]} (HxW) but its image {image} is {file_size[0]}x{file_size[1]}; "
-            f"the boxes would not fit the image: fix the xml's <size> or use the image it was annotated on"
+            f"{xml}: <size> says {size[0]}x{size[1]} (HxW) but its image {image} is {file_size[0]}x{file_size[1]}"
+            f"{exif}; the boxes would not fit the image: fix the xml's <size> or use the image it was annotated on"
         )
     objects = []
     for k, obj in enumerate(root.findall("object"), start=1):
