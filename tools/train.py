@@ -2,11 +2,15 @@
 
 With no arguments: EfficientDet-Lite0 (ImageNet backbone from the installed weights package) on the embedded
 synthetic COCO-format dataset, then COCO evaluation. Segmentation: ``model=eseg_lite_s data=cityscapes``. Distributed: ``torchrun --nproc_per_node=N tools/train.py``.
-An interrupted run resumes when started again with the same ``hydra.run.dir``.
+An interrupted run resumes when started again with the same ``hydra.run.dir``: with the same training-defining config
+(densekit/engine/run_dir.py lists the keys that may change on resume), and one training at a time per directory (a
+lock file, ``train.lock``). ``.hydra/`` is written by this tool once those checks pass (``hydra.output_subdir: null``).
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from densekit.checkpoint.weights import read_model_weights
 from densekit.checkpoint.zoo import architecture_overrides
 from densekit.config import register_configs
 from densekit.engine import distributed as dist_utils
+from densekit.engine.run_dir import RunDirError, RunDirLock, check_resume, write_hydra_record
 from densekit.engine.trainer import TrainConfig, Trainer
 from densekit.modeling.backbones.packaged_weights import packaged_weights
 from densekit.modeling.build import build_model
@@ -73,9 +78,33 @@ def build_train_loader(
     return StagedLoader(loaders, descriptions)
 
 
+def prepare_run_dir(cfg: DictConfig, out_dir: Path, is_main: bool) -> None:
+    """Refuse (:class:`RunDirError`) a resume whose training-defining config differs from the checkpoint's, before
+    anything is written; then record the config in ``.hydra/`` (main process)."""
+    compared = OmegaConf.to_container(cfg, resolve=True)  # the model config as the checkpoint stores it (less classes)
+    compared["model"] = OmegaConf.to_container(OmegaConf.merge(cfg.model, architecture_overrides(cfg.weights)), resolve=True)
+    check_resume(out_dir, compared)
+    if is_main:
+        hydra_cfg = HydraConfig.get()
+        write_hydra_record(out_dir, cfg, hydra_cfg.overrides.task, hydra_cfg)
+
+
 def train(cfg: DictConfig) -> dict:
-    rank, world_size, device = dist_utils.init_distributed(str(cfg.device))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    # One training per run directory: the first (or only) process of a torchrun job holds the lock; torchrun stops
+    # the other ranks when it exits with the error.
+    is_main = int(os.environ.get("RANK", "0")) == 0  # before init_distributed: torchrun's rank
+    lock = RunDirLock(out_dir).acquire() if is_main else None
+    try:
+        prepare_run_dir(cfg, out_dir, is_main)
+        return _train(cfg, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, out_dir: Path) -> dict:
+    rank, world_size, device = dist_utils.init_distributed(str(cfg.device))
     train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg.train))
     torch.manual_seed(train_cfg.seed)
     task = get_task(cfg)
@@ -130,7 +159,10 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except RunDirError as err:  # a locked run directory, or a resume with another config: one error block
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
