@@ -7,6 +7,7 @@ Usage::
     python benchmarks/benchmark.py model=efficientdet_d0 bench.compare=true bench.compile=false bench.output=d0.json
     python benchmarks/benchmark.py model=efficientdet_d0 bench.device=cuda bench.precision=fp16 bench.batch_size=8
     python benchmarks/benchmark.py model=lraspp_mobilenet_v3_large image_size=[1024,2048] bench.compare=true
+    python benchmarks/benchmark.py model=efficientdet_lite0 bench.backends=[torch,onnxruntime,openvino]
 
 Two modes are timed under ``torch.inference_mode`` after ``bench.warmup`` untimed calls:
 
@@ -30,6 +31,10 @@ under ``bench.optimize=false`` (the model as built). ``bench.channels_last`` app
 (freezing), so one run gives both ratios. ``bench.precision=fp16|bf16`` runs every timed call, both sides, under
 ``torch.autocast``. Every timed call is device-synchronised (:func:`benchmarks.timing.synchronizer`: CUDA's queue
 is drained before and after it). A compile that fails is reported and the eager numbers still come out.
+
+``bench.backends=[torch,onnxruntime,openvino]`` (``tensorrt`` on CUDA) adds rows for the same model exported to each
+deployment runtime, timed in the same interleaved call (:mod:`benchmarks.backends`); the default ``[torch]`` times
+the PyTorch rows alone.
 """
 from __future__ import annotations
 
@@ -50,6 +55,16 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
 import densekit  # noqa: E402
+from benchmarks.backends import (  # noqa: E402
+    backend_fns,
+    backend_plan,
+    backend_report,
+    backend_summary,
+    export_backends,
+    primer_key,
+    row_kinds,
+    without_primers,
+)
 from benchmarks.references import NoReferenceError, ReferenceModel, reference_twin  # noqa: E402
 from benchmarks.results import publish  # noqa: E402
 from benchmarks.timing import (  # noqa: E402
@@ -190,6 +205,7 @@ def reference_fns(
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the benchmark described by ``cfg`` and return the results (the JSON written to ``bench.output``)."""
     device, amp_dtype = run_settings(cfg.bench)
+    plan, skipped = backend_plan(cfg.bench, device)
     b = resolve_options(cfg.bench, device)
     apply_device_settings(b, device)
     model = densekit.build_model(cfg.model).eval()
@@ -198,12 +214,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except ValueError as err:  # a command-line mistake: one line, no traceback
         sys.exit(str(err))
     result = describe_run(b, model, size, device, amp_dtype)
+    result["notes"] += [f"{label} skipped: {why}" for label, why in skipped.items()]
     fmt = torch.channels_last if b.channels_last else torch.contiguous_format
     images = torch.rand(b.batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
     images = images.to(device).contiguous(memory_format=fmt)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     macs: dict[str, int] = {"densekit": count_macs(model, size)}
     fns = reference_fns(b, model, images, fmt, amp, result, macs) if b.compare else {}
+    # Exported from the plain fp32 model, before it is moved, folded or compiled: the artifacts start where a user's
+    # export would (the exporter and the runtimes fold BatchNorm themselves).
+    backends = export_backends(plan, model, images, result["notes"])
     model = model.to(device, memory_format=fmt)
     # Under autocast as the timed calls run: compiling the example input outside it would compile a second graph
     # (autocast is part of what dynamo guards on) at the first timed call.
@@ -218,32 +238,57 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result["densekit_compiled"] = bool(b.compile) and all(t in vars(model) for t in model.compile_targets())
     fns["densekit/network"] = lambda: model.forward_raw(images)
     fns["densekit/end_to_end"] = lambda: model(images)
-    # A fixed order within each iteration: densekit first, network before end-to-end (also the report's order).
-    order = ["densekit"] + sorted({k.split("/")[0] for k in fns} - {"densekit"})
-    fns = {k: fns[k] for k in sorted(fns, key=lambda k: (order.index(k.split("/")[0]), MODES.index(k.split("/")[1])))}
+    fns = timing_order(fns, backend_fns(backends, device.type if amp_dtype is not None else None))
     with torch.inference_mode(), amp():
-        times = time_interleaved(fns, b.warmup, b.iters, synchronizer(device))
+        times = without_primers(time_interleaved(fns, b.warmup, b.iters, synchronizer(device)))
     result["macs_per_image"] = macs["densekit"]
     if b.matmul_peak:
         result["matmul_peak_gflops"] = matmul_peak_gflops(device, amp_dtype or torch.float32)
-    return {**result, **summarise(times, macs, b.batch_size)}
+    kinds = row_kinds(backends)  # the backends run densekit's model: its MACs
+    summary = summarise(times, {**macs, **dict.fromkeys(kinds, macs["densekit"])}, b.batch_size, b.precision, kinds)
+    if plan or skipped:
+        summary["backends"] = backend_summary(backends, skipped, summary["results"])
+    return {**result, **summary}
 
 
-def summarise(times: dict[str, list[float]], macs: dict[str, int], batch: int) -> dict[str, Any]:
-    """``results`` (statistics, achieved GFLOP/s and raw times per ``impl/mode``) and ``ratios`` (densekit over
-    each reference, by mode) of the timed functions' wall times."""
+def timing_order(
+    fns: dict[str, Callable[[], object]], backend_rows: dict[str, Callable[[], object]]
+) -> dict[str, Callable[[], object]]:
+    """The order of the calls within each iteration (also the report's): densekit first, then the references,
+    network before end-to-end, then the deployment backends' rows in ``backend_rows``' order. With backends, a
+    primer call of densekit's network heads the torch rows, as one heads each backend's (benchmarks.backends)."""
+    order = ["densekit"] + sorted({k.split("/")[0] for k in fns} - {"densekit"})
+    fns = {k: fns[k] for k in sorted(fns, key=lambda k: (order.index(k.split("/")[0]), MODES.index(k.split("/")[1])))}
+    primer = {primer_key("densekit"): fns["densekit/network"]} if backend_rows else {}
+    return {**primer, **fns, **backend_rows}
+
+
+def summarise(
+    times: dict[str, list[float]], macs: dict[str, int], batch: int, precision: str = "fp32",
+    backends: dict[str, tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """``results`` (statistics, achieved GFLOP/s and raw times per ``impl/mode``, each row naming its backend and
+    precision) and ``ratios`` (densekit over each reference, by mode) of the timed functions' wall times.
+
+    ``backends``: row -> (backend, precision) of the deployment backends' rows; every other row is ``torch`` at
+    ``precision``. Backend rows get no ``ratios`` entry: :func:`benchmarks.backends.backend_ratios` puts them
+    against torch.
+    """
+    backends = backends or {}
     results: dict[str, dict[str, Any]] = {}
     for key, t in times.items():
         impl, mode = key.split("/")
         entry = stats(t, batch)
         if mode == "network":  # achieved throughput: 2 FLOPs per multiply-add, over the median time
             entry["gflops"] = 2 * macs[impl] * batch / (entry["median_ms"] * 1e6)
+        backend, row_precision = backends.get(impl, ("torch", precision))
         # Raw times too: on a shared machine the spread says whether the summary statistics can be trusted.
-        results.setdefault(impl, {})[mode] = {**entry, "times_ms": [x * 1000.0 for x in t]}
+        results.setdefault(impl, {})[mode] = {**entry, "backend": backend, "precision": row_precision,
+                                              "times_ms": [x * 1000.0 for x in t]}
     ours = results["densekit"]
     ratios = {  # densekit over each reference row, by mode
         impl: {mode: {k: ours[mode][k] / res[mode][k] for k in ("mean_ms", "median_ms")} for mode in MODES}
-        for impl, res in results.items() if impl != "densekit"
+        for impl, res in results.items() if impl != "densekit" and impl not in backends
     }
     return {"results": results, "ratios": ratios}
 
@@ -312,6 +357,7 @@ def report(r: dict[str, Any]) -> str:
         lines.append("")
         for mode, ratio in ratios.items():
             lines.append(f"densekit / {impl}, {mode:<11} mean {ratio['mean_ms']:.3f}x   median {ratio['median_ms']:.3f}x")
+    lines += backend_report(r)
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""benchmarks/benchmark.py: both references (effdet, torchvision), the JSON it writes, and its behaviour on bad input.
+"""benchmarks/benchmark.py: both references (effdet, torchvision), the deployment backends (onnxruntime, OpenVINO,
+TensorRT), the JSON it writes, and its behaviour on bad input.
 
 Timings are never asserted (a shared 2-core machine); the tests check what is timed, what is reported, and that
 failures say why. Tiny settings: 1-2 timed calls, small inputs.
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+
+from benchmarks.results import save_result
 
 pytest.importorskip("effdet")
 
@@ -84,6 +87,7 @@ def test_lraspp_compares_with_torchvision(tmp_path: Path, run_benchmark: Callabl
         (["model.name=mine"], "no reference implementation"),
         (["model=lraspp_mobilenet_v3_small"], "no reference implementation"),
         (["model=efficientdet_d0", "model.neck.channels=32"], "not the same model"),
+        (["bench.backends=[torch,tflite]"], "'tflite' unknown: backends are torch, onnxruntime, openvino, tensorrt"),
     ],
 )
 def test_refuses_clearly(overrides: list[str], message: str, run_benchmark: Callable[..., subprocess.CompletedProcess]) -> None:
@@ -181,3 +185,96 @@ def test_compile_mode_reaches_torch_compile_on_both_sides(monkeypatch: pytest.Mo
     assert len(modes) == 2 and set(modes) == {"max-autotune"}  # densekit's network, effdet's network
     assert "torch.compile (inductor freezing, mode max-autotune)" in tool.report(result)
     assert tuple(result["results"]) == ("densekit", "effdet", "effdet+compile")
+
+
+TINY_SEGMENTER = ["model=lraspp_mobilenet_v3_small", "image_size=[64,128]", "bench.iters=1", "bench.warmup=1",
+                  "bench.compile=false", "bench.matmul_peak=false"]
+
+
+def test_backends_time_the_same_model_in_each_runtime(tmp_path: Path) -> None:
+    """bench.backends=[torch,onnxruntime,openvino]: the model exported to each runtime and timed in the same run as
+    torch; every JSON row names its backend and precision, each artifact's parity against the PyTorch fp32 model is
+    recorded, OpenVINO has its bare InferRequest row, and the backend ratios are the rows' medians divided."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    tool = importlib.import_module("benchmarks.benchmark")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("benchmark", overrides=[*TINY_SEGMENTER, "bench.backends=[torch,onnxruntime,openvino]"])
+    result = json.loads(save_result(tool.run(cfg), tmp_path / "bench.json").read_text())
+    rows = {(impl, mode): (s["backend"], s["precision"]) for impl, modes in result["results"].items()
+            for mode, s in modes.items()}
+    assert rows == {
+        ("densekit", "network"): ("torch", "fp32"), ("densekit", "end_to_end"): ("torch", "fp32"),
+        ("onnxruntime", "network"): ("onnxruntime", "fp32"), ("onnxruntime", "end_to_end"): ("onnxruntime", "fp32"),
+        ("openvino", "network"): ("openvino", "fp32"), ("openvino", "end_to_end"): ("openvino", "fp32"),
+        ("openvino bare", "network"): ("openvino", "fp32"),
+    }
+    for modes in result["results"].values():
+        for s in modes.values():
+            assert s["median_ms"] > 0 and len(s["times_ms"]) == 1
+    backends = result["backends"]
+    assert set(backends["rows"]) == {"onnxruntime", "openvino"} and backends["skipped"] == {}
+    for row in backends["rows"].values():
+        assert row["precision"] == "fp32" and row["artifact_mb"] > 0
+        assert row["parity"]["mean_rel"] < 1e-5 and row["parity"]["max_abs"] <= 1e-4 * row["parity"]["scale"]
+    assert result["ratios"] == {}  # densekit over references only: the backends have their own ratios
+    median = {impl: {m: s["median_ms"] for m, s in modes.items()} for impl, modes in result["results"].items()}
+    ratios = backends["ratios"]
+    assert ratios["openvino end_to_end / openvino bare"] == pytest.approx(
+        median["openvino"]["end_to_end"] / median["openvino bare"]["network"])
+    assert ratios["onnxruntime network / torch network"] == pytest.approx(
+        median["onnxruntime"]["network"] / median["densekit"]["network"])
+    report = tool.report(result)
+    for text in ("openvino bare", "parity: max abs", "openvino end_to_end / torch end_to_end"):
+        assert text in report
+
+
+def test_tensorrt_without_a_gpu_is_skipped_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking for tensorrt on a machine without CUDA times the other rows and says in one line why TensorRT is not
+    timed, instead of failing (CUDA hidden, so that this holds on a GPU machine too)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tool = importlib.import_module("benchmarks.benchmark")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("benchmark", overrides=[*TINY_SEGMENTER, "bench.warmup=0", "bench.backends=[torch,tensorrt]",
+                                              "bench.backend_precision=[fp32,fp16]"])
+    result = tool.run(cfg)
+    assert tuple(result["results"]) == ("densekit",)
+    reason = "TensorRT needs a CUDA GPU and this machine has none"
+    assert list(result["backends"]["skipped"]) == ["tensorrt"] and reason in result["backends"]["skipped"]["tensorrt"]
+    skipped_lines = [line for line in tool.report(result).splitlines() if "tensorrt" in line]
+    assert len(skipped_lines) == 1 and skipped_lines[0].startswith(f"note: tensorrt skipped: {reason}")
+
+
+def test_a_precision_a_format_does_not_write_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.backend_precision=[fp32,fp16]: OpenVINO writes both, an ONNX artifact has no fp16: that row is skipped
+    with what the format writes. (The plan only: nothing is exported.)"""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    backends = importlib.import_module("benchmarks.backends")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan, skipped = backends.backend_plan(
+        bench_cfg("bench.backends=[torch,onnxruntime,openvino]", "bench.backend_precision=[fp32,fp16]"),
+        torch.device("cpu"))
+    assert plan == [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "fp16")]
+    assert skipped == {"onnxruntime fp16": "the onnx format writes fp32, int8, not fp16"}
+
+
+def test_each_runtime_is_primed_and_the_primers_are_not_reported() -> None:
+    """The calls' order within an iteration: densekit, the references, then each backend's rows; with backends, each
+    runtime's rows start after an untimed primer call of its network (a runtime's first call after another runtime's
+    pays for the other's spinning threads), whose times are dropped. Without backends the order is as before."""
+    tool = importlib.import_module("benchmarks.benchmark")
+    backends = importlib.import_module("benchmarks.backends")
+
+    def call() -> None:
+        return None
+
+    torch_rows = dict.fromkeys(["effdet/end_to_end", "densekit/end_to_end", "effdet/network", "densekit/network"], call)
+    torch_order = ["densekit/network", "densekit/end_to_end", "effdet/network", "effdet/end_to_end"]
+    assert list(tool.timing_order(torch_rows, {})) == torch_order
+    backend_rows = dict.fromkeys(["openvino primer/network", "openvino/network", "openvino/end_to_end",
+                                  "openvino bare/network"], call)
+    order = list(tool.timing_order(torch_rows, backend_rows))
+    assert order == ["densekit primer/network", *torch_order, *backend_rows]
+    kept = backends.without_primers(dict.fromkeys(order, [0.01]))
+    assert list(kept) == [*torch_order, "openvino/network", "openvino/end_to_end", "openvino bare/network"]
