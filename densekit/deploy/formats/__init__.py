@@ -75,6 +75,8 @@ def export_artifact(
     output = Path(output).expanduser()
     if precision not in fmt.precisions:
         raise ArtifactError(f"export.format={format} writes precisions {', '.join(fmt.precisions)}, not {precision!r}")
+    if precision == "int8" and postprocess:  # every format quantises the network graph, never the NMS one
+        raise ArtifactError("int8 export quantises the network alone: use export.postprocess=false")
     if output.suffix.lower() != fmt.suffix:
         raise ArtifactError(f"export.output={output}: an artifact of export.format={format} is a {fmt.suffix} file "
                             f"(e.g. {output.with_suffix(fmt.suffix).name})")

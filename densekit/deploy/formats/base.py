@@ -87,6 +87,12 @@ class ExportRequest:
     calibration_images: int = 300
     opset: int = 17
 
+    def fp32_onnx(self) -> bytes:
+        """The fp32 ONNX graph every format starts from (:func:`densekit.deploy.onnx.onnx_model_bytes`)."""
+        from ..onnx import onnx_model_bytes
+
+        return onnx_model_bytes(self.model, self.image_size, self.batch, self.opset, self.postprocess)
+
 
 class Runtime(ABC):
     """A loaded artifact: ``run(images)`` takes the graph's input and returns its outputs, as torch tensors.
@@ -136,6 +142,14 @@ class ExportFormat(ABC):
         reason = self.missing()
         if reason:
             raise ArtifactError(f"export.format={self.name} is not available here: {reason}")
+
+
+def missing_modules(*names: str) -> str | None:
+    """``None`` when every module can be imported, else what to install (for :meth:`ExportFormat.missing`)."""
+    import importlib.util
+
+    absent = [name for name in names if importlib.util.find_spec(name) is None]
+    return f"{', '.join(absent)} not installed (pip install 'densekit[deploy]')" if absent else None
 
 
 #: Deployment formats by name (``export.format``); each format module registers an instance.

@@ -6,20 +6,11 @@ from pathlib import Path
 import torch
 
 from ...checkpoint.io import atomic_write
-from ..onnx import onnx_model_bytes, with_metadata
-from .base import FORMATS, METADATA_KEY, ArtifactError, ArtifactInfo, ExportFormat, ExportRequest, Runtime
+from ..onnx import with_metadata
+from .base import (
+    FORMATS, METADATA_KEY, ArtifactError, ArtifactInfo, ExportFormat, ExportRequest, Runtime, missing_modules,
+)
 from .calibration import calibration_inputs, nncf_quantize, output_producers
-
-DEPLOY_EXTRA = "pip install 'densekit[deploy]'"
-
-
-def _missing_modules(*names: str) -> str | None:
-    """``None`` when every module imports, else what to install."""
-    import importlib.util
-
-    absent = [name for name in names if importlib.util.find_spec(name) is None]
-    return f"{', '.join(absent)} not installed ({DEPLOY_EXTRA})" if absent else None
-
 
 class OnnxRuntime(Runtime):
     """An ONNX artifact in an onnxruntime CPU session (all graph optimisations on)."""
@@ -54,15 +45,13 @@ class OnnxFormat(ExportFormat):
     precisions = ("fp32", "int8")
 
     def missing(self) -> str | None:
-        return _missing_modules("onnx", "onnxruntime", "onnxscript")
+        return missing_modules("onnx", "onnxruntime", "onnxscript")
 
     def export(self, request: ExportRequest, info: ArtifactInfo) -> Path:
-        metadata = {METADATA_KEY: info.to_json()}
-        data = onnx_model_bytes(request.model, request.image_size, request.batch, request.opset, request.postprocess)
+        data = request.fp32_onnx()
         if request.precision == "int8":
-            data = with_metadata(quantize_onnx(data, request, info), metadata)
-        else:
-            data = with_metadata(data, metadata)
+            data = quantize_onnx(data, request, info)
+        data = with_metadata(data, {METADATA_KEY: info.to_json()})
         with atomic_write(request.output) as f:
             f.write(data)
         return request.output
@@ -75,8 +64,6 @@ def quantize_onnx(model_bytes: bytes, request: ExportRequest, info: ArtifactInfo
     """The fp32 graph ``model_bytes`` quantised by NNCF (QDQ), its output layers kept in float."""
     import onnx
 
-    if request.postprocess:
-        raise ArtifactError("int8 export quantises the network alone: use export.postprocess=false")
     proto = onnx.load_from_string(model_bytes)
     outputs = {o.name for o in proto.graph.output}
     keep = output_producers([n for n in proto.graph.node if outputs & set(n.output)], lambda node: node.name)

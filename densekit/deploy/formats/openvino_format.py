@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..onnx import onnx_model_bytes
-from .base import FORMATS, METADATA_KEY, ArtifactError, ArtifactInfo, ExportFormat, ExportRequest, Runtime
+from .base import (
+    FORMATS, METADATA_KEY, ArtifactError, ArtifactInfo, ExportFormat, ExportRequest, Runtime, missing_modules,
+)
 from .calibration import calibration_inputs, nncf_quantize, output_producers
-from .onnx_format import _missing_modules
 
 
 #: OpenVINO element type names -> numpy dtypes, for the output buffers.
@@ -95,20 +95,18 @@ class OpenVinoFormat(ExportFormat):
     precisions = ("fp32", "fp16", "int8")
 
     def missing(self) -> str | None:
-        return _missing_modules("openvino", "onnx", "onnxscript")
+        return missing_modules("openvino", "onnx", "onnxscript")
 
     def export(self, request: ExportRequest, info: ArtifactInfo) -> Path:
         import openvino as ov
 
         output = request.output
-        data = onnx_model_bytes(request.model, request.image_size, request.batch, request.opset, request.postprocess)
+        data = request.fp32_onnx()
         with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.stem}.") as tmp:
             onnx_path = Path(tmp) / "network.onnx"
             onnx_path.write_bytes(data)
             model = ov.convert_model(onnx_path)
             if request.precision == "int8":
-                if request.postprocess:
-                    raise ArtifactError("int8 export quantises the network alone: use export.postprocess=false")
                 keep = output_producers(list(model.outputs), _output_conv)
                 model = nncf_quantize(model, calibration_inputs(request, info), keep)
             model.set_rt_info(info.to_json(), METADATA_KEY)

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from ...checkpoint.io import atomic_write
-from ..onnx import onnx_model_bytes
 from .base import FORMATS, ArtifactError, ArtifactInfo, ExportFormat, ExportRequest, Runtime
 from .onnx_format import quantize_onnx
 
@@ -128,7 +127,7 @@ class TensorRtFormat(ExportFormat):
         return None
 
     def export(self, request: ExportRequest, info: ArtifactInfo) -> Path:
-        data = onnx_model_bytes(request.model, request.image_size, request.batch, request.opset, request.postprocess)
+        data = request.fp32_onnx()
         if request.precision == "int8":
             data = quantize_onnx(data, request, info)
         engine = build_engine(data, request.precision, info.model_name)
