@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -118,14 +117,15 @@ def backend_plan(b: DictConfig, device: torch.device) -> tuple[list[tuple[str, s
 
     Checked before the model is built, so that a typo exits before anything is built, compiled or exported.
     """
+    from densekit.cli.errors import UsageError
     from densekit.deploy.formats import FORMATS
     from densekit.deploy.formats.base import PRECISIONS
 
     names, precisions = _as_list(b.get("backends", ["torch"])), _as_list(b.get("backend_precision", "fp32"))
     unknown = [n for n in names if n not in BACKENDS] + [p for p in precisions if p not in PRECISIONS]
     if unknown:
-        sys.exit(f"bench.backends / bench.backend_precision: {', '.join(map(repr, unknown))} unknown: backends are "
-                 f"{', '.join(BACKENDS)}; precisions {', '.join(PRECISIONS)}")
+        raise UsageError(f"bench.backends / bench.backend_precision: {', '.join(map(repr, unknown))} unknown: "
+                         f"backends are {', '.join(BACKENDS)}; precisions {', '.join(PRECISIONS)}")
     plan: list[tuple[str, str]] = []
     skipped: dict[str, str] = {}
     for name in names:

@@ -74,6 +74,7 @@ from benchmarks.timing import (  # noqa: E402
     synchronizer,
     time_interleaved,
 )
+from densekit.cli.errors import UsageError, reports_user_errors, run_tool  # noqa: E402
 from densekit.config import image_size_arg, register_configs  # noqa: E402
 from densekit.deploy.optimize import compile_frozen  # noqa: E402
 from densekit.engine.distributed import resolve_device as engine_resolve_device  # noqa: E402
@@ -89,7 +90,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         return engine_resolve_device(name)
     except ValueError as err:
-        sys.exit(f"bench.{err}")
+        raise UsageError(f"bench.{err}") from err
 
 
 #: What ``bench.optimize=true`` times where an option is left null: the fastest configuration verified on each
@@ -119,10 +120,10 @@ def run_settings(b: DictConfig) -> tuple[torch.device, torch.dtype | None]:
     """The device and autocast dtype (None: no autocast) of ``cfg.bench``, or exit with why it is unusable; sets
     ``bench.threads``."""
     if b.iters < 1 or b.warmup < 0 or b.batch_size < 1:
-        sys.exit("bench.iters and bench.batch_size must be >= 1 and bench.warmup >= 0")
+        raise UsageError("bench.iters and bench.batch_size must be >= 1 and bench.warmup >= 0")
     device = resolve_device(str(b.device))
     if str(b.precision) not in PRECISIONS:
-        sys.exit(f"bench.precision={b.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"bench.precision={b.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if b.threads is not None:
         torch.set_num_threads(int(b.threads))
     return device, PRECISIONS[str(b.precision)]
@@ -181,7 +182,7 @@ def reference_fns(
     try:
         ref = reference_twin(model, size, b.batch_size)
     except NoReferenceError as err:
-        sys.exit(f"bench.compare=true: {err}")
+        raise UsageError(f"bench.compare=true: {err}") from err
     result["reference"] = {"implementation": ref.label, "model": ref.name}
     macs[ref.label] = count_macs(ref.network, size)
     device = images.device
@@ -212,7 +213,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         size = image_size_arg(cfg.image_size, model.config.image_size)
     except ValueError as err:  # a command-line mistake: one line, no traceback
-        sys.exit(str(err))
+        raise UsageError(str(err)) from err
     result = describe_run(b, model, size, device, amp_dtype)
     result["notes"] += [f"{label} skipped: {why}" for label, why in skipped.items()]
     fmt = torch.channels_last if b.channels_last else torch.contiguous_format
@@ -366,10 +367,16 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="benchmark", version_base=None)
-def main(cfg: DictConfig) -> None:
+@reports_user_errors()
+def hydra_main(cfg: DictConfig) -> None:
     """Entry point: benchmark ``cfg.model`` as ``cfg.bench`` says, print the results, write JSON if asked."""
     result = run(cfg)
     publish(result, report(result), cfg.bench.output)
+
+
+def main() -> None:
+    """A user's mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
+    run_tool(hydra_main)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import densekit  # noqa: E402
 from benchmarks.benchmark import PRECISIONS  # noqa: E402
 from benchmarks.references import NoReferenceError, effdet_counterpart, effdet_network  # noqa: E402
 from benchmarks.timing import cpu_name, synchronizer, time_interleaved  # noqa: E402
+from densekit.cli.errors import UsageError, reports_user_errors, run_tool  # noqa: E402
 from densekit.config import image_size_arg, register_configs  # noqa: E402
 from densekit.utils import PAPER, count_macs, count_parameters, format_count  # noqa: E402
 
@@ -203,7 +204,7 @@ def segmentation_table(names: list[str], t: DictConfig) -> Iterator[str]:
     try:
         size = image_size_arg(t.size, [1024, 2048])
     except ValueError as err:
-        sys.exit(f"table.size: {err}")
+        raise UsageError(f"table.size: {err}") from err
     return segmentation_rows(names, size, t.warmup, t.iters)
 
 
@@ -229,7 +230,8 @@ def benchmark_row(name: str, t: DictConfig) -> str:
         proc = subprocess.run([sys.executable, *cmd[1:], f"bench.output={out}"], cwd=ROOT, env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
-            reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            lines = proc.stderr.strip().splitlines() or ["no output"]
+            reason = next((line.removeprefix("error: ") for line in lines if line.startswith("error: ")), lines[-1])
             return f"| {name} | - | - | - | - | - | - | failed: {reason} | `{shlex.join(cmd)}` |"
         r = json.loads(out.read_text())
     net, e2e = r["results"]["densekit"]["network"], r["results"]["densekit"]["end_to_end"]
@@ -244,7 +246,7 @@ def benchmark_row(name: str, t: DictConfig) -> str:
 def benchmark_rows(names: list[str], t: DictConfig) -> Iterator[str]:
     """Markdown table lines for ``names``, each row as soon as its run has finished."""
     if str(t.precision) not in PRECISIONS:
-        sys.exit(f"table.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"table.precision={t.precision!r}: choose one of {', '.join(PRECISIONS)}")
     yield "| model | input | params | MACs | network ms | end-to-end ms | end-to-end FPS | mode | command |"
     yield "|---|---|---:|---:|---:|---:|---:|---|---|"
     for name in names:
@@ -267,12 +269,12 @@ def table_lines(t: DictConfig) -> Iterator[str]:
     Exits with a message on an unknown table or row, or a bad option, before any model is built or run.
     """
     if t.name not in TABLES:
-        sys.exit(f"table={t.name!r}: choose one of {', '.join(TABLES)}")
+        raise UsageError(f"table={t.name!r}: choose one of {', '.join(TABLES)}")
     all_rows, lines = TABLES[t.name]
     known = all_rows()
     unknown = [m for m in t.models if m not in known]
     if unknown:
-        sys.exit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}")
     yield from lines(list(t.models) or known, t)
 
 
@@ -280,10 +282,16 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="table", version_base=None)
-def main(cfg: DictConfig) -> None:
+@reports_user_errors()
+def hydra_main(cfg: DictConfig) -> None:
     """Entry point: print the chosen table, each line as soon as it is known (benchmark rows take minutes)."""
     for line in table_lines(cfg.table):
         print(line, flush=True)
+
+
+def main() -> None:
+    """A user's mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
+    run_tool(hydra_main)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from densekit.cli.errors import UsageError, reports_user_errors, run_tool  # noqa: E402
 from densekit.config import register_configs  # noqa: E402
 from benchmarks.references import NoReferenceError, effdet_targets, effdet_train_twin  # noqa: E402
 from benchmarks.results import publish  # noqa: E402
@@ -82,7 +83,7 @@ def effdet_step(
     try:
         bench, name = effdet_train_twin(model, tuple(images.shape[-2:]))
     except NoReferenceError as err:
-        sys.exit(f"bench.compare=true: {err}")
+        raise UsageError(f"bench.compare=true: {err}") from err
     bench.model.to(memory_format=memory_format)
     normalised = (images - model.pixel_mean) / model.pixel_std
     target = effdet_targets(targets)
@@ -179,7 +180,7 @@ def build_steps(cfg: DictConfig) -> tuple[dict[str, Callable[[], None]], str | N
     variants = [(layout, False) for layout in cfg.bench.layouts] + ([("nchw", True)] if cfg.bench.grad_checkpoint else [])
     for layout, checkpointing in variants:
         if layout not in LAYOUTS:
-            sys.exit(f"bench.layouts: {layout!r} is not one of {', '.join(LAYOUTS)}")
+            raise UsageError(f"bench.layouts: {layout!r} is not one of {', '.join(LAYOUTS)}")
         torch.manual_seed(0)  # every row starts from the same weights
         model_cfg = OmegaConf.merge(cfg.model, {"image_size": [size, size], "grad_checkpoint": checkpointing})
         model = build_model(model_cfg).train().to(memory_format=LAYOUTS[layout])
@@ -292,10 +293,16 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="train_benchmark", version_base=None)
-def main(cfg: DictConfig) -> None:
+@reports_user_errors()
+def hydra_main(cfg: DictConfig) -> None:
     """Entry point: benchmark ``cfg.model``'s training step and the loader, print the results, write JSON if asked."""
     result = run(cfg)
     publish(result, report(result), cfg.bench.output)
+
+
+def main() -> None:
+    """A user's mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
+    run_tool(hydra_main)
 
 
 if __name__ == "__main__":

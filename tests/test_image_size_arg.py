@@ -38,5 +38,5 @@ def test_the_summary_tool_reports_a_bad_size_in_one_line() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))  # this checkout's densekit, not an installed one
     done = subprocess.run([sys.executable, "tools/summary.py", "image_size=[1,2,3]"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "image_size must be an int or [H, W], got [1, 2, 3]" in done.stderr and "Traceback" not in done.stderr

@@ -20,9 +20,9 @@ The json is written atomically; a one-screen summary is printed.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from densekit.cli.errors import run_tool
 from densekit.data.converters import (
     DIFFICULT_MODES,
     Conversion,
@@ -101,14 +101,16 @@ def convert(args: argparse.Namespace) -> Conversion:
     return yolo_to_coco(images, labels, read_class_names(classes), first_id=args.first_id, skip_bad=args.skip_bad)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: convert, write the json, print the summary; a conversion error exits with its message."""
+def convert_and_write(argv: list[str] | None = None) -> None:
+    """Convert, write the json, print the summary."""
     args = parse_args(argv)
-    try:
-        conversion = convert(args)
-    except ConversionError as err:  # a data or command-line mistake: one message, no traceback
-        sys.exit(f"error: {err}")
+    conversion = convert(args)
     print(conversion.summary(write_coco(conversion, args.out)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a data or command-line mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
+    run_tool(lambda: convert_and_write(argv))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from densekit.checkpoint.io import atomic_write
+from densekit.cli.errors import UsageError, reports_user_errors, run_tool
 from densekit.config import register_configs
 from densekit.deploy.formats import artifact_of
 from densekit.deploy.optimize import optimize_for_inference
@@ -39,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict:
     elif cfg.eval.allow_random_weights:
         model, what = build_model(cfg.model), "random weights"
     else:
-        raise ValueError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
+        raise UsageError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
     task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
     model.to(device)
     precision = str(cfg.eval.precision)
@@ -71,8 +72,14 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="eval", version_base=None)
-def main(cfg: DictConfig) -> None:
+@reports_user_errors()
+def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+def main() -> None:
+    """Entry point: a user's mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
+    run_tool(hydra_main)
 
 
 if __name__ == "__main__":

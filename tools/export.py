@@ -13,12 +13,11 @@ Usage::
 runs like a checkpoint: ``tools/eval.py weights=lite0.xml`` scores it, ``tools/predict.py weights=lite0.xml`` and
 ``densekit.Predictor("lite0.xml")`` predict with it. Prints a summary (file, size, time, distance from PyTorch);
 any expected failure (unknown checkpoint or format, missing runtime, unsupported option, missing output directory,
-parity above ``export.atol``) is one ``error:`` line and exit code 1.
+parity above ``export.atol``) is one ``error:`` block and exit code 2.
 """
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Any
 
@@ -27,8 +26,9 @@ import torch
 from omegaconf import DictConfig
 
 import densekit
+from densekit.cli.errors import reports_user_errors, run_tool
 from densekit.config import image_size_arg, register_configs
-from densekit.deploy.formats import FORMATS, ArtifactError, export_artifact, load_artifact_model
+from densekit.deploy.formats import FORMATS, export_artifact, load_artifact_model
 from densekit.deploy.formats.artifact import compare_outputs
 from densekit.deploy.onnx import ExportError
 from densekit.deploy.quantize import calibration_set
@@ -36,9 +36,6 @@ from densekit.modeling.build import build_with_weights
 from densekit.tasks import get_task
 
 log = logging.getLogger("densekit.export")
-
-# Errors a user can cause and fix from the command line: reported in one line, without a traceback.
-USER_ERRORS = (ExportError, ValueError, FileNotFoundError, densekit.CheckpointError, AssertionError, ImportError)
 
 
 def calibration(cfg: DictConfig, size: tuple[int, int]) -> Any:
@@ -54,7 +51,7 @@ def calibration(cfg: DictConfig, size: tuple[int, int]) -> Any:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Build, export and check; raises one of ``USER_ERRORS`` on a fixable problem. Returns the summary fields."""
+    """Build, export and check; raises a user error (densekit.cli.errors) on a fixable problem. Returns the summary fields."""
     e = cfg.export
     if not e.output:
         suffix = FORMATS.get(e.format).suffix if e.format in FORMATS else ".onnx"
@@ -89,7 +86,7 @@ def check(model: torch.nn.Module, path: Any, size: tuple[int, int], e: DictConfi
     print(f"{runtime} vs PyTorch: max abs difference {gap['max_abs']:.3g} (outputs up to {gap['scale']:.3g}), "
           f"mean relative difference {gap['mean_rel']:.3g}")
     if e.precision == "fp32" and gap["max_abs"] > e.atol * max(gap["scale"], 1.0):
-        raise AssertionError(f"{path}: {runtime} differs from PyTorch by {gap['max_abs']:.3g} > export.atol "
+        raise ExportError(f"{path}: {runtime} differs from PyTorch by {gap['max_abs']:.3g} > export.atol "
                              f"{e.atol:g} x {max(gap['scale'], 1.0):.3g}; the artifact is kept for inspection")
     return gap
 
@@ -98,12 +95,15 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Entry point: a fixable error exits with one line instead of a traceback."""
-    try:
-        run(cfg)
-    except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+@reports_user_errors(also=(ExportError, ImportError))
+def hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Entry point: a user's mistake, a failed export or a missing runtime is one ``error:`` block, exit code 2
+    (densekit.cli.errors)."""
+    run_tool(hydra_main, also=(ExportError, ImportError))
 
 
 if __name__ == "__main__":

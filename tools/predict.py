@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from densekit.config import register_configs
+from densekit.cli.errors import reports_user_errors, run_tool
 from densekit.data.coco import read_image
 from densekit.data.media import ImageFile, VideoFrames, atomic_video_writer, is_video, is_webcam, list_images, video_suffix
 from densekit.deploy.predictions import Prediction
@@ -36,9 +36,6 @@ from densekit.utils.visualize import save_image
 
 log = logging.getLogger("densekit.predict")
 
-# Errors a user can cause and fix from the command line: one "error:" line, no traceback (CheckpointError is a
-# ValueError; FileNotFoundError an OSError).
-USER_ERRORS = (ValueError, OSError)
 T = TypeVar("T")
 
 
@@ -195,12 +192,14 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="predict", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Entry point: a fixable error exits with one line instead of a traceback."""
-    try:
-        predict(cfg)
-    except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+@reports_user_errors()
+def hydra_main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+def main() -> None:
+    """Entry point: a user's mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
+    run_tool(hydra_main)
 
 
 if __name__ == "__main__":

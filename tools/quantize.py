@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a top-level folder, not installed
 
 from benchmarks.timing import cpu_name, stats, synchronizer, time_interleaved  # noqa: E402
+from densekit.cli.errors import reports_user_errors, run_tool  # noqa: E402
 from densekit.config import register_configs  # noqa: E402
 from densekit.deploy.optimize import optimize_for_inference  # noqa: E402
 from densekit.deploy.quantize import calibration_set, save_quantized  # noqa: E402
@@ -99,8 +100,14 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="quantize", version_base=None)
-def main(cfg: DictConfig) -> None:
+@reports_user_errors()
+def hydra_main(cfg: DictConfig) -> None:
     quantize_run(cfg)
+
+
+def main() -> None:
+    """Entry point: a user's mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
+    run_tool(hydra_main)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ The model is built on the meta device (shapes, no weights), so even D7x summaris
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 import torch
@@ -18,6 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 import densekit
+from densekit.cli.errors import reports_user_errors, run_tool
 from densekit.config import image_size_arg, register_configs
 from densekit.tasks import task_of_model
 
@@ -38,14 +38,17 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="summary", version_base=None)
-def main(cfg: DictConfig) -> None:
+@reports_user_errors()
+def hydra_main(cfg: DictConfig) -> None:
     """Entry point: build ``cfg.model`` and print its summary."""
     model = build_shapes_only(cfg.model).eval()
-    try:
-        size = image_size_arg(cfg.image_size, model.config.image_size)
-    except ValueError as err:  # a command-line mistake: one line, no traceback
-        sys.exit(str(err))
+    size = image_size_arg(cfg.image_size, model.config.image_size)
     print(task_of_model(model.config).summary(model, size))
+
+
+def main() -> None:
+    """Entry point: a user's mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
+    run_tool(hydra_main)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,10 @@ from densekit.checkpoint.finetune import load_for_finetuning
 from densekit.checkpoint.io import read_state_dict
 from densekit.checkpoint.weights import read_model_weights
 from densekit.checkpoint.zoo import architecture_overrides
+from densekit.cli.errors import reports_user_errors, run_tool
 from densekit.config import register_configs
 from densekit.engine import distributed as dist_utils
-from densekit.engine.run_dir import RunDirError, RunDirLock, check_resume, write_hydra_record
+from densekit.engine.run_dir import RunDirLock, check_resume, write_hydra_record
 from densekit.engine.trainer import TrainConfig, Trainer
 from densekit.modeling.backbones.packaged_weights import packaged_weights
 from densekit.modeling.build import build_model
@@ -158,11 +158,15 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
-def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except RunDirError as err:  # a locked run directory, or a resume with another config: one error block
-        sys.exit(f"error: {err}")
+@reports_user_errors()
+def hydra_main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+def main() -> None:
+    """Entry point: a user's mistake (a locked run directory, a changed resume, a missing file) is one ``error:``
+    block, exit code 2 (densekit.cli.errors)."""
+    run_tool(hydra_main)
 
 
 if __name__ == "__main__":

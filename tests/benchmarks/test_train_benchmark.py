@@ -56,7 +56,7 @@ def test_train_benchmark_refuses_a_model_without_an_effdet_twin(
         "train_benchmark.py", "model=efficientdet_lite0", "model.neck.channels=32", "bench.image_size=128",
         env={"DENSEKIT_DATASETS": str(tmp_path)}, timeout=120,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "bench.compare=true: densekit's efficientdet_lite0 as configured has" in done.stderr
     assert "not the same model" in done.stderr and "Traceback" not in done.stderr
 

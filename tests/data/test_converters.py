@@ -42,11 +42,12 @@ def run_tool(*argv: str | Path) -> str:
 
 
 def tool_error(*argv: str | Path) -> str:
-    """The message the tool exits with."""
-    with pytest.raises(SystemExit) as exc:
+    """The ``error:`` block the tool prints before exiting with 2, less its closing DENSEKIT_DEBUG hint."""
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(err):
         run_tool(*argv)
-    assert isinstance(exc.value.code, str), exc.value.code
-    return exc.value.code
+    assert exc.value.code == 2, exc.value.code
+    return err.getvalue().split("\n  (DENSEKIT_DEBUG=1")[0]
 
 
 def write_image(path: Path, height: int, width: int) -> None:

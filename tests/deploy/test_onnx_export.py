@@ -137,9 +137,9 @@ def test_export_tool_end_to_end(tmp_path: Path) -> None:
     assert out.is_file() and f"wrote {out}" in done.stdout and "as onnx fp32, input 1x3x64x128" in done.stdout
     assert "onnxruntime vs PyTorch: max abs difference" in done.stdout and "(outputs up to" in done.stdout
 
-    assert missing.returncode == 1 and "error: export.output is required" in missing.stderr
+    assert missing.returncode == 2 and "error: export.output is required" in missing.stderr
     assert "Traceback" not in missing.stderr
-    assert bad.returncode == 1 and "error: postprocess=True is for detectors" in bad.stderr
+    assert bad.returncode == 2 and "error: postprocess=True is for detectors" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
@@ -173,6 +173,6 @@ def test_export_check_tolerance_is_relative_to_the_output_scale(tmp_path: Path) 
 
     with torch.no_grad():
         model.get_submodule(model.output_layers()[0]).weight.mul_(1.1)  # no longer the exported weights
-    with pytest.raises(AssertionError, match=rf"{path}: onnxruntime differs from PyTorch by .* > export.atol 0.001 x"):
+    with pytest.raises(ExportError, match=rf"{path}: onnxruntime differs from PyTorch by .* > export.atol 0.001 x"):
         tool.check(model, path, (64, 64), e)
     assert path.is_file()
