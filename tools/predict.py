@@ -119,7 +119,8 @@ def predict_video(predictor: Predictor, frames: VideoFrames, stem: str, out_dir:
     finally:
         frames.close()
     return {"source": frames.name, "fps": frames.fps, "width": frames.size[0], "height": frames.size[1],
-            "frames": len(report.entries), "output": video_path.name if p.save_video else None}
+            "frames": len(report.entries), "declared_frames": frames.declared_frames, "truncated": frames.truncated,
+            "output": video_path.name if p.save_video else None}
 
 
 def summary(predictor: Predictor, report: Report, kind: str, seconds: float, load_seconds: float, out_dir: Path) -> str:

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -36,7 +38,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointError(f"checkpoint file not found: {path}\n(weights= takes a checkpoint such as <run "
+                              "directory>/checkpoints/last.pth, an exported .onnx / .xml / .engine, or zoo:<name>)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt / non-weights files
@@ -140,6 +143,11 @@ def atomic_write(path: str | os.PathLike, mode: Literal["wb", "w"] = "wb") -> It
         path: The destination.
         mode: ``"wb"`` for bytes (``torch.save``, encoded images, zips, ONNX) or ``"w"`` for UTF-8 text.
 
+    Raises:
+        OSError: the filesystem took no more bytes (a full disk or quota; also ``torch.save``'s stream-writer
+            ``RuntimeError``, which hides that): the message names ``path``, the space left on its filesystem and
+            what to do; ``errno`` is the cause's (``ENOSPC`` for a full disk). Any other error passes unchanged.
+
     Example:
         ``with atomic_write(out / "last.pth") as f: torch.save(state, f)``
     """
@@ -153,6 +161,67 @@ def atomic_write(path: str | os.PathLike, mode: Literal["wb", "w"] = "wb") -> It
             os.fsync(f.fileno())  # the data reaches the disk before the rename makes it the file
         os.chmod(tmp, _NEW_FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        written = _size_or_none(tmp)
+        Path(tmp).unlink(missing_ok=True)  # before measuring the free space: the partial file's bytes are back
+        cause = _write_failure(err)
+        if cause is None:
+            raise
+        raise _no_space_error(path, cause, written) from err
+
+
+# errnos that mean the filesystem took no more bytes. Only these are translated: the block may also read (a download,
+# a source file), and an error of that reading is not about the destination.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# torch.save reports a failed write as a RuntimeError from its C++ stream writer, with the OSError (if the write was
+# Python's) only as __context__: "[enforce fail at inline_container.cc:...] unexpected pos ..." when it wrote to a
+# file object, "PytorchStreamWriter failed writing file ..." when it wrote to a path itself.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed writing file", "enforce fail at inline_container")
+
+
+def _write_failure(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` when ``err`` is a failed write (for torch's RuntimeError, an OSError without errno
+    when torch kept none), else ``None``."""
+    if isinstance(err, OSError):
+        return err if err.errno in _NO_SPACE_ERRNOS else None
+    if not (isinstance(err, RuntimeError) and any(text in str(err) for text in _TORCH_WRITE_FAILURES)):
+        return None
+    inner: BaseException | None = err
+    while inner is not None:  # walk the chain torch left: the Python write's own error, when there was one
+        if isinstance(inner, OSError):
+            return inner
+        inner = inner.__cause__ or inner.__context__
+    return OSError(f"torch.save could not write ({str(err).strip()})")
+
+
+def _no_space_error(path: Path, cause: OSError, written: int | None) -> OSError:
+    """The error :func:`atomic_write` raises for a failed write: where, why, the space left and what to do."""
+    try:
+        free = f"{_format_bytes(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    done = f", {_format_bytes(written)} written before it failed" if written else ""
+    kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+    reason = cause.strerror or str(cause)
+    message = (
+        f"cannot write {path}: {reason} ({free} on its filesystem{done}){kept}. "
+        "Free some space, or choose another run directory / output path."
+    )
+    return OSError(cause.errno, message) if cause.errno is not None else OSError(message)
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _format_bytes(size: int) -> str:
+    """``size`` in bytes as people read it: ``"512 B"``, ``"3.2 MiB"``, ``"1.5 GiB"``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, unit = float(size), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value /= 1024
+        unit += 1
+    return f"{size} B" if unit == 0 else f"{value:.1f} {units[unit]}"

@@ -111,8 +111,9 @@ def describe(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     if isinstance(err, HydraException) and cause is not None:
         text += f"\n{cause}"
-    if isinstance(err, OSError) and err.strerror and err.filename:  # "[Errno 2] ...: 'x'" -> "...: x"
-        text = f"{err.strerror}: {err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    if isinstance(err, OSError) and err.strerror:  # "[Errno 2] No such file or directory: 'x'" -> "...: x"
+        text = err.strerror + (f": {err.filename}" if err.filename else "")
+        text += f" -> {err.filename2}" if err.filename2 else ""
     return text
 
 

@@ -123,6 +123,8 @@ class CityscapesSegmentation(SegmentationDataset):
         split: ``"train"``, ``"val"`` or ``"test"`` (no labels are read for test).
         transform: ``(image uint8 [H, W, 3], label uint8 [H, W] or None) -> (tensor, label tensor or None)``,
             e.g. :func:`build_seg_train_transform`; ``None`` returns the full-resolution image as-is.
+        exif: Decode images in the frame their EXIF orientation declares (``data.exif_orientation``); ``False``:
+            the stored frame.
 
     Raises:
         FileNotFoundError: Missing root, split folder, images, or a gtFine label of some image.
@@ -135,13 +137,15 @@ class CityscapesSegmentation(SegmentationDataset):
     label_ids: np.ndarray = np.array([lb.id for lb in TRAIN_LABELS], dtype=np.uint8)
 
     def __init__(
-        self, root: str | Path | None = None, split: str = "train", transform: Transform | None = None
+        self, root: str | Path | None = None, split: str = "train", transform: Transform | None = None,
+        exif: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown Cityscapes split {split!r}; expected one of {SPLITS}")
         self.root = cityscapes_root(root)
         self.split = split
         self.transform = transform
+        self.exif = exif
         self.has_labels = split != "test"
         image_dir = self.root / "leftImg8bit" / split
         if not image_dir.is_dir():
@@ -199,11 +203,7 @@ class CityscapesSegmentation(SegmentationDataset):
         if path is None:
             raise ValueError(f"the {self.split} split has no labels")
         label = read_label(path)
-        if image_size is not None and label.shape != tuple(image_size):
-            raise ValueError(
-                f"label file {path} is {label.shape[0]}x{label.shape[1]} (HxW) but its image {self.image_path(index)} "
-                f"is {image_size[0]}x{image_size[1]}"
-            )
+        self.check_label_size(index, path, label.shape, image_size)
         bad = ~_VALID_TRAIN_ID[label]
         if bad.any():
             values = np.unique(label[bad])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
+log = logging.getLogger(__name__)
 #: Frames per second written when a camera does not report its own.
 DEFAULT_FPS = 30.0
 
@@ -98,6 +100,13 @@ class VideoFrames:
         source: A video file, or a camera index.
         max_frames: Stop after this many frames (``None``: the whole file; a camera until the caller stops).
 
+    Attributes:
+        declared_frames: The frame count the file's container declares; ``None`` for a camera or a container that
+            declares none.
+        frames_read: Frames yielded so far.
+        truncated: Whether the stream ended before ``declared_frames`` (a file cut short or damaged; logged as a
+            warning when iteration ends). Never set when ``max_frames`` stopped the reading.
+
     Raises:
         FileNotFoundError: the video file does not exist.
         OSError: OpenCV cannot open it (or the camera), with the name.
@@ -116,21 +125,33 @@ class VideoFrames:
         self.fps = float(fps) if fps and np.isfinite(fps) and fps > 0 else DEFAULT_FPS
         self.size = (int(self._capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(self._capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
         count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT)) if not camera else 0
+        self.declared_frames: int | None = count if count > 0 else None
+        self.frames_read = 0
+        self.truncated = False
         self.max_frames = max_frames
         #: Frames expected (for a progress bar), ``None`` when unknown.
-        known = [n for n in (count if count > 0 else None, max_frames) if n is not None]
+        known = [n for n in (self.declared_frames, max_frames) if n is not None]
         self.total = min(known) if known else None
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        read = 0
-        while self.max_frames is None or read < self.max_frames:
+        self.frames_read = 0
+        while self.max_frames is None or self.frames_read < self.max_frames:
             ok, frame = self._capture.read()
             if not ok:
+                self._check_complete()
                 break
-            read += 1
+            self.frames_read += 1
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-        if read == 0:
+        if self.frames_read == 0:
             raise OSError(f"no frame could be read from {self.name}")
+
+    def _check_complete(self) -> None:
+        # OpenCV ends a cut-short or damaged file as it ends a whole one (read() returns False); only the count the
+        # container declared tells them apart, and without this a user takes predictions on part of a video for all.
+        if self.declared_frames is not None and 0 < self.frames_read < self.declared_frames:
+            self.truncated = True
+            log.warning("video %s ended after %d of %d frames (the file is truncated or damaged); predictions cover "
+                        "the first %d", self.name, self.frames_read, self.declared_frames, self.frames_read)
 
     def close(self) -> None:
         self._capture.release()

@@ -51,6 +51,8 @@ class SegmentationFolder(SegmentationDataset):
         image_suffix: File ending of images, e.g. ``".jpg"`` (None: any of :data:`IMAGE_SUFFIXES`).
         label_suffix: File ending of labels, replacing the image's (``"_labelTrainIds.png"`` style allowed).
         transform: As for Cityscapes (:func:`build_seg_train_transform` / :func:`build_seg_eval_transform`).
+        exif: Decode images in the frame their EXIF orientation declares (``data.exif_orientation``); ``False``:
+            the stored frame, for labels drawn on the raw pixel grid.
     """
 
     def __init__(
@@ -63,7 +65,9 @@ class SegmentationFolder(SegmentationDataset):
         image_suffix: str | None = None,
         label_suffix: str = ".png",
         transform: Transform | None = None,
+        exif: bool = True,
     ) -> None:
+        self.exif = exif
         self.image_dir = Path(image_dir).expanduser()
         self.label_dir = None if label_dir is None else Path(label_dir).expanduser()
         self.class_names = list(class_names)
@@ -133,9 +137,7 @@ class SegmentationFolder(SegmentationDataset):
         if path is None:
             raise ValueError(f"{self} has no labels")
         raw = read_label(path)
-        if image_size is not None and raw.shape != tuple(image_size):
-            raise ValueError(f"label file {path} is {raw.shape[0]}x{raw.shape[1]} (HxW) but its image "
-                             f"{self.image_path(index)} is {image_size[0]}x{image_size[1]}")
+        self.check_label_size(index, path, raw.shape, image_size)
         label = self._lut[raw]
         if (label < 0).any():
             values = np.unique(raw[label < 0])

@@ -33,7 +33,8 @@ def build_cityscapes_dataset(data_cfg: Any, split: str, train: bool, pixel_mean:
         ensure_synthetic_cityscapes(
             data_cfg.root, num_train=data_cfg.num_train, num_val=data_cfg.num_val, size=tuple(data_cfg.synthetic_size)
         )
-    return CityscapesSegmentation(data_cfg.root, split, transform=_seg_transform(data_cfg, train, pixel_mean))
+    return CityscapesSegmentation(data_cfg.root, split, transform=_seg_transform(data_cfg, train, pixel_mean),
+                                  exif=_exif_of(data_cfg))
 
 
 def build_seg_folder_dataset(data_cfg: Any, split: str, train: bool, pixel_mean: Any = None) -> SegmentationFolder:
@@ -53,7 +54,13 @@ def build_seg_folder_dataset(data_cfg: Any, split: str, train: bool, pixel_mean:
         images, labels, read_class_names(data_cfg.classes), ignore_index=int(data_cfg.ignore_index),
         reduce_zero_label=bool(data_cfg.reduce_zero_label), image_suffix=data_cfg.get("image_suffix"),
         label_suffix=data_cfg.label_suffix, transform=_seg_transform(data_cfg, train, pixel_mean),
+        exif=_exif_of(data_cfg),
     )
+
+
+def _exif_of(data_cfg: Any) -> bool:
+    """``data.exif_orientation``: images in their displayed frame (default, as detection), or the stored one."""
+    return bool(data_cfg.get("exif_orientation", True))
 
 
 def _seg_transform(data_cfg: Any, train: bool, pixel_mean: Any) -> Any:
