@@ -18,15 +18,13 @@ Whatever the layout, loading is all-or-nothing (:func:`~densekit.checkpoint.io.l
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 import torch
 from torch import nn
 
 from ..modeling.dual_bn import strip_aux_bn_keys
-from .io import CheckpointError, load_state_dict_checked, read_state_dict
-from .zoo import resolve_weights
+from .io import CheckpointError, load_state_dict_checked
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +92,6 @@ def convert_torchvision_lraspp(state_dict: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint file of any recognised layout into ``model`` (all-or-nothing); ``path`` may be a zoo name,
-    ``"zoo:<name>"`` (downloaded once into the cache, see :mod:`densekit.checkpoint.zoo`).
-
-    Raises:
-        CheckpointError: unreadable file, unknown layout, or keys / shapes that do not fit (listed); unknown zoo
-            name, failed download or wrong hash.
-    """
-    path = resolve_weights(path)
-    load_state_dict_any(model, read_state_dict(path), f"checkpoint {os.fspath(path)}")
-
-
 def to_model_layout(
     model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
 ) -> tuple[dict[str, torch.Tensor], str] | None:
@@ -127,7 +113,8 @@ def to_model_layout(
 
 
 def load_state_dict_any(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load an in-memory state_dict of any recognised layout (see :func:`load_weights`)."""
+    """Load an in-memory state_dict of any recognised layout (the module docstring lists them), all-or-nothing.
+    Files reach it through :func:`densekit.checkpoint.weights.read_model_weights`."""
     converted = to_model_layout(model, state_dict, source)
     if converted is not None:
         load_state_dict_checked(model, *converted)

@@ -1,10 +1,10 @@
-"""Utilities that sit beside the models: complexity counting, published reference numbers and reference
-implementations to compare against, benchmark timing, drawing detections, and JSON result files."""
+"""Utilities that sit beside the models: parameter / MAC counting (``complexity``), the papers' published numbers
+(``reference``), drawing predictions (``visualize``), atomic JSON files (``files``) and the CPU allocator setting of
+the inference path (``memory``)."""
 from .complexity import count_macs, count_parameters, format_count, to_meta
-from .reference import EFFDET_PARAMS, PAPER, PaperNumbers
+from .reference import PAPER, PaperNumbers
 
 __all__ = [
-    "EFFDET_PARAMS",
     "PAPER",
     "PaperNumbers",
     "count_macs",

@@ -1,4 +1,4 @@
-"""Published numbers densekit is checked against (paper complexity, efficientdet-pytorch parameter counts).
+"""Published numbers densekit is checked against (the paper's parameters and MACs).
 
 Source: Tan, Pang, Le, "EfficientDet: Scalable and Efficient Object Detection" (CVPR 2020), Table 2, as collected
 in the project's reference notes. The paper gives parameters to 0.1M and MACs to three significant digits; it
@@ -34,10 +34,4 @@ PAPER: dict[str, PaperNumbers] = {
     "efficientdet_d7x": PaperNumbers(77.0e6, 410e9),
 }
 
-# Exact counts of efficientdet-pytorch (effdet) models, 90 classes, as published with that port.
-EFFDET_PARAMS: dict[str, int] = {
-    "tf_efficientdet_d0": 3_880_067,
-    "efficientdet_d0": 3_877_763,  # PyTorch-native variant: symmetric padding, no conv bias before BN
-    "tf_efficientdet_d7x": 77_147_166,
-}
 

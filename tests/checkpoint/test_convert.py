@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import densekit
+from densekit.checkpoint.convert import load_state_dict_any
+from densekit.checkpoint.weights import read_model_weights
 from densekit import CheckpointError
 
 effdet = pytest.importorskip("effdet")
@@ -14,6 +16,11 @@ from effdet import EfficientDet as EffDet, get_efficientdet_config  # noqa: E402
 
 TINY = dict(image_size=[128, 128])
 
+
+def load_file(model: torch.nn.Module, path: Path) -> None:
+    """A checkpoint file into ``model`` as evaluation loads it: read, converted from its layout, all-or-nothing."""
+    found = read_model_weights(path)
+    load_state_dict_any(model, found.state_dict, found.source)
 
 def effdet_checkpoint(tmp_path: Path, name: str, **cfg_overrides) -> Path:
     cfg = get_efficientdet_config(name)
@@ -53,10 +60,8 @@ def test_wrong_checkpoint_names_bad_keys_and_loads_nothing(tmp_path: Path) -> No
     path = effdet_checkpoint(tmp_path, "tf_efficientdet_d1")
     model = densekit.create_model("efficientdet_d0", **TINY)
     before = snapshot(model)
-    from densekit.checkpoint.convert import load_weights
-
     with pytest.raises(CheckpointError) as err:
-        load_weights(model, path)
+        load_file(model, path)
     msg = str(err.value)
     assert str(path) in msg and "nothing was loaded" in msg
     assert "wrongly shaped keys" in msg and "(88, 1, 3, 3) vs model (64, 1, 3, 3)" in msg  # BiFPN width 88 vs 64
@@ -68,10 +73,8 @@ def test_wrong_checkpoint_names_bad_keys_and_loads_nothing(tmp_path: Path) -> No
 def test_wrong_class_count_is_refused_by_a_plain_load(tmp_path: Path) -> None:
     path = effdet_checkpoint(tmp_path, "tf_efficientdet_d0")
     model = densekit.create_model("efficientdet_d0", num_classes=3, **TINY)
-    from densekit.checkpoint.convert import load_weights
-
     with pytest.raises(CheckpointError, match=r"head\.class_net\.predict\.conv_pw\.weight: checkpoint \(810, 64, 1, 1\) vs model \(27, 64, 1, 1\)"):
-        load_weights(model, path)  # evaluation loads all-or-nothing; create_model(num_classes=3, weights=) fine-tunes
+        load_file(model, path)  # evaluation loads all-or-nothing; create_model(num_classes=3, weights=) fine-tunes
 
 
 def test_corrupt_and_missing_files_are_named(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 import densekit
 from densekit.checkpoint import train_state as ckpt
-from densekit.checkpoint.convert import load_state_dict_any, load_weights
+from densekit.checkpoint.convert import load_state_dict_any
 from densekit.checkpoint.weights import read_model_weights
 from densekit.config import IMAGENET_MEAN, TrainConfig
 from densekit.deploy.optimize import optimize_for_inference
@@ -102,7 +102,8 @@ def test_dual_bn_model_evaluates_like_the_plain_model_with_its_main_bns(tmp_path
     trainer.train()  # two steps: main and aux statistics now differ
     dual = trainer.model.eval()
     plain = _model().eval()
-    load_weights(plain, tmp_path / "checkpoints" / "last.pth")  # aux tensors dropped, main ones loaded
+    found = read_model_weights(tmp_path / "checkpoints" / "last.pth")
+    load_state_dict_any(plain, found.state_dict, found.source)  # aux tensors dropped, main ones loaded
     assert not dual_bns(plain)
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

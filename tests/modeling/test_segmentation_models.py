@@ -15,7 +15,8 @@ import densekit
 from densekit import CheckpointError
 from densekit.modeling.necks.bifpn import BiFPN
 from densekit.modeling.segmenter import SegmentationLoss, Segmenter
-from densekit.checkpoint.convert import load_weights
+from densekit.checkpoint.convert import load_state_dict_any
+from densekit.checkpoint.weights import read_model_weights
 from densekit.utils import count_parameters
 
 SEG_MODELS = densekit.list_models(arch="segmenter")
@@ -178,7 +179,8 @@ def test_wrong_checkpoint_names_bad_keys_and_loads_nothing(torchvision_checkpoin
     model = densekit.create_model("lraspp_mobilenet_v3_large")  # 19 classes: torchvision's head has 21
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError) as err:
-        load_weights(model, torchvision_checkpoint)
+        found = read_model_weights(torchvision_checkpoint)
+        load_state_dict_any(model, found.state_dict, found.source)
     assert "torchvision LR-ASPP layout" in str(err.value)
     assert "head.low_classifier.weight: checkpoint (21, 40, 1, 1) vs model (19, 40, 1, 1)" in str(err.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -189,7 +191,8 @@ def test_wrong_checkpoint_names_bad_keys_and_loads_nothing(torchvision_checkpoin
     torch.save({k: torch.zeros(v.shape) for k, v in eseg.state_dict().items()}, path)
     bad_keys = r"(?s)missing keys.*backbone\.features\.0.*unexpected keys.*backbone\.body\."
     with pytest.raises(CheckpointError, match=bad_keys):
-        load_weights(model, path)
+        found = read_model_weights(path)
+        load_state_dict_any(model, found.state_dict, found.source)
 
 
 def test_unknown_head_type_and_misplaced_backbone_options_are_clear_errors() -> None:
