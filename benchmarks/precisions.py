@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# A script's own folder heads sys.path: put the repository root first, so that `benchmarks` imports and `densekit`
-# is this checkout's (as in the other benchmark scripts).
+# A script's own folder heads sys.path: put the repository root first, so that `densekit` is this checkout's, not
+# whichever copy is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 import densekit  # noqa: E402
-from benchmarks.timing import cpu_name, stats, synchronizer, time_interleaved  # noqa: E402
+from densekit.benchmarks.timing import cpu_name, stats, synchronizer, time_interleaved  # noqa: E402
 from densekit.deploy.quantize import bf16_supported  # noqa: E402
 
 

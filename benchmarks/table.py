@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# A script's own folder heads sys.path: put the repository root first, so that `benchmarks` imports and `densekit`
-# is this checkout's, not whichever copy is installed.
+# A script's own folder heads sys.path: put the repository root first, so that `densekit` is this checkout's, not
+# whichever copy is installed.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -46,9 +46,9 @@ from omegaconf import DictConfig  # noqa: E402
 from torch import nn  # noqa: E402
 
 import densekit  # noqa: E402
-from benchmarks.benchmark import PRECISIONS  # noqa: E402
-from benchmarks.references import NoReferenceError, effdet_counterpart, effdet_network  # noqa: E402
-from benchmarks.timing import cpu_name, synchronizer, time_interleaved  # noqa: E402
+from densekit.benchmarks.benchmark import PRECISIONS  # noqa: E402
+from densekit.benchmarks.references import NoReferenceError, effdet_counterpart, effdet_network  # noqa: E402
+from densekit.benchmarks.timing import cpu_name, synchronizer, time_interleaved  # noqa: E402
 from densekit.cli.errors import UsageError, reports_user_errors, run_tool  # noqa: E402
 from densekit.config import image_size_arg, register_configs  # noqa: E402
 from densekit.utils import PAPER, count_macs, count_parameters, format_count  # noqa: E402

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-# A script's own folder heads sys.path: put the repository root first, so that `benchmarks` imports and `densekit`
-# is this checkout's, not whichever copy is installed.
+# A script's own folder heads sys.path: put the repository root first, so that `densekit` is this checkout's, not
+# whichever copy is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
@@ -39,9 +39,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from densekit.cli.errors import UsageError, reports_user_errors, run_tool  # noqa: E402
 from densekit.config import register_configs  # noqa: E402
-from benchmarks.references import NoReferenceError, effdet_targets, effdet_train_twin  # noqa: E402
-from benchmarks.results import publish  # noqa: E402
-from benchmarks.timing import device_description, stats, time_interleaved  # noqa: E402
+from densekit.benchmarks.references import NoReferenceError, effdet_targets, effdet_train_twin  # noqa: E402
+from densekit.benchmarks.results import publish  # noqa: E402
+from densekit.benchmarks.timing import device_description, stats, time_interleaved  # noqa: E402
 from densekit.tasks.detection import build_coco_dataset  # noqa: E402
 from densekit.data.coco import CocoDetection  # noqa: E402
 from densekit.data.loader import build_loader  # noqa: E402

@@ -2,6 +2,7 @@
 
 Importing densekit has no side effects: Hydra entry points call :func:`densekit.config.register_configs` themselves.
 """
+from .api import evaluate, train
 from .checkpoint.io import CheckpointError
 from .checkpoint.zoo import list_weights
 from .deploy.optimize import optimize_for_inference
@@ -16,9 +17,11 @@ __all__ = [
     "build_model",
     "create_backbone",
     "create_model",
+    "evaluate",
     "list_backbones",
     "list_models",
     "list_weights",
     "load_model_config",
     "optimize_for_inference",
+    "train",
 ]

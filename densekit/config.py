@@ -6,11 +6,11 @@ and wrong types with the key's full name, e.g. ``Key 'neck.chanels' not in 'Neck
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import ListConfig
+from omegaconf import MISSING, ListConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -188,6 +188,135 @@ class TrainConfig:
     advprop_step_size: float = 1.0  # per iteration, 0-255 scale (paper: 1)
 
 
+# Data schemas: the keys each dataset layout reads (densekit.tasks.base.DATA_LAYOUTS), with conf/data's defaults. The
+# data YAMLs carry every key themselves (a layout is chosen by their keys, so they name no schema); these catch a
+# typo'd or foreign key, in a YAML or a +data.<key>= override, which the dataset builders would silently not read.
+_DATASETS = "${oc.env:DENSEKIT_DATASETS,datasets}"
+
+
+@dataclass
+class DataConfig:
+    """Keys every data config has, whatever its format."""
+
+    name: str = MISSING
+    format: str = MISSING  # a data.format some task reads (densekit.tasks.get_task)
+    train_split: str = "train"
+    split: str = "val"  # the split tools/eval.py evaluates
+    exif_orientation: bool = True  # decode images upright as EXIF declares; false: the stored frame
+    skip_unreadable: bool = False  # leave out images that cannot be read instead of refusing to start
+
+
+@dataclass
+class DetectionAugmentConfig:
+    hflip: float = 0.5
+    scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])  # official EfficientDet scale jitter
+    color_jitter: bool = False
+
+
+@dataclass
+class CocoDataConfig(DataConfig):
+    """A COCO-format detection dataset, whatever its layout."""
+
+    image_size: Optional[int] = None  # training / evaluation resolution; None: the model's own image_size
+    decoder: str = "opencv"  # opencv | torchvision | pil
+    corruption: Optional[str] = None  # evaluation images corrupted: gaussian_noise | gaussian_blur
+    corruption_severity: int = 3  # 1-5, ImageNet-C's levels
+    augment: DetectionAugmentConfig = field(default_factory=DetectionAugmentConfig)
+
+
+@dataclass
+class CocoRootDataConfig(CocoDataConfig):
+    """COCO 2017 in the official layout under ``root`` (conf/data/coco.yaml)."""
+
+    root: str = f"{_DATASETS}/coco"
+    generate: bool = False
+
+
+@dataclass
+class SyntheticCocoDataConfig(CocoRootDataConfig):
+    """The synthetic shapes, generated under ``root`` on first use (conf/data/synthetic.yaml)."""
+
+    root: str = f"{_DATASETS}/synthetic_shapes"
+    generate: bool = True
+    num_train: int = 400
+    num_val: int = 50
+    image_size: Optional[int] = 256
+    augment: DetectionAugmentConfig = field(default_factory=lambda: DetectionAugmentConfig(scale_range=[0.6, 1.4]))
+
+
+@dataclass
+class CocoFilesDataConfig(CocoDataConfig):
+    """One's own COCO json and image folder per split, by path (conf/data/custom.yaml)."""
+
+    train_images: Optional[str] = None
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    test_images: Optional[str] = None
+    test_annotations: Optional[str] = None
+
+
+@dataclass
+class SegAugmentConfig:
+    hflip: float = 0.5
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    color_jitter: bool = True
+
+
+@dataclass
+class SegDataConfig(DataConfig):
+    """A semantic segmentation dataset, whatever its layout."""
+
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # training crop (H, W)
+    eval_size: Optional[list[int]] = None  # None: full resolution; [H, W] resizes the image (labels stay full-size)
+    eval_scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale evaluation
+    eval_flip: bool = False
+    write_predictions: bool = False  # write predicted label PNGs
+    augment: SegAugmentConfig = field(default_factory=SegAugmentConfig)
+
+
+@dataclass
+class CityscapesDataConfig(SegDataConfig):
+    """Cityscapes fine annotations in the official layout under ``root`` (conf/data/cityscapes.yaml)."""
+
+    root: str = f"{_DATASETS}/cityscapes"
+    generate: bool = False
+
+
+@dataclass
+class SyntheticCityscapesDataConfig(CityscapesDataConfig):
+    """Synthetic street scenes in Cityscapes' layout, generated on first use (conf/data/synthetic_cityscapes.yaml)."""
+
+    root: str = f"{_DATASETS}/synthetic_cityscapes"
+    generate: bool = True
+    num_train: int = 200
+    num_val: int = 40
+    synthetic_size: list[int] = field(default_factory=lambda: [128, 256])
+    crop_size: list[int] = field(default_factory=lambda: [128, 256])
+    augment: SegAugmentConfig = field(
+        default_factory=lambda: SegAugmentConfig(scale_range=[0.75, 1.5], color_jitter=False)
+    )
+
+
+@dataclass
+class SegFolderDataConfig(SegDataConfig):
+    """One's own images + label PNGs per split, by path (conf/data/custom_seg.yaml)."""
+
+    classes: Any = None  # a list of names, or a text file with one name per line
+    train_images: Optional[str] = None
+    train_labels: Optional[str] = None
+    val_images: Optional[str] = None
+    val_labels: Optional[str] = None
+    test_images: Optional[str] = None
+    test_labels: Optional[str] = None  # None for a split without labels: predictions only
+    image_suffix: Optional[str] = None  # e.g. .jpg; None: any common image type
+    label_suffix: str = ".png"
+    ignore_index: int = 255  # label value of unlabelled pixels
+    reduce_zero_label: bool = False  # ADE20K: 0 is "other" (ignored) and class i is stored as i + 1
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    augment: SegAugmentConfig = field(default_factory=lambda: SegAugmentConfig(color_jitter=False))
+
+
 def image_size_arg(value: Any, default: Sequence[int]) -> tuple[int, int]:
     """A command line's ``image_size`` override as ``(H, W)``.
 
@@ -221,3 +350,25 @@ def register_configs() -> None:
     for arch in META_ARCHS:
         cs.store(group="model", name=schema_node(arch), node=META_ARCHS.get(arch).schema)
     cs.store(group="train", name="_schema", node=TrainConfig)
+
+
+def as_overrides(keys: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"train": {"epochs": 3}, "model": "efficientdet_d0"}`` -> ``["train.epochs=3", "model=efficientdet_d0"]``, as on
+    a Hydra command line."""
+    out: list[str] = []
+    for key, value in keys.items():
+        if isinstance(value, Mapping):
+            out += as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={_hydra_value(value)}")
+    return out
+
+
+def _hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    return str(value)

@@ -19,13 +19,19 @@ effdet = pytest.importorskip("effdet")
 from effdet import EfficientDet as EffDet, get_efficientdet_config  # noqa: E402
 
 import densekit  # noqa: E402
-from benchmarks.references import effdet_counterpart  # noqa: E402
-from densekit.utils import EFFDET_PARAMS, PAPER, count_macs, count_parameters  # noqa: E402
+from densekit.benchmarks.references import effdet_counterpart  # noqa: E402
+from densekit.utils import PAPER, count_macs, count_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The EfficientDets that reproduce an effdet model; the other backbones' configs (docs/models.md "Backbones") have none.
 MODELS = [n for n in densekit.list_models(arch="efficientdet") if effdet_counterpart(n)]
 OTHER_BACKBONES = ["efficientdet_coatnet0", "efficientdet_mnasnet", "efficientdet_v2s"]
+# Exact parameter counts of efficientdet-pytorch (effdet) models, 90 classes, as published with that port.
+EFFDET_PARAMS: dict[str, int] = {
+    "tf_efficientdet_d0": 3_880_067,
+    "efficientdet_d0": 3_877_763,  # PyTorch-native variant: symmetric padding, no conv bias before BN
+    "tf_efficientdet_d7x": 77_147_166,
+}
 
 
 @functools.lru_cache(maxsize=None)

@@ -221,7 +221,7 @@ def install(check: Check) -> None:
 
 ENV_PROBE = r"""
 import json, platform, importlib.metadata as md, torch
-from benchmarks.timing import cpu_name
+from densekit.benchmarks.timing import cpu_name
 cuda = torch.cuda.is_available()
 props = torch.cuda.get_device_properties(0) if cuda else None
 def version(name):
@@ -329,8 +329,8 @@ def bench_worker(work: Path) -> int:
     result file and ``<name>.done.json`` ({status, seconds, reason}). A failing one does not stop the others."""
     from hydra import compose, initialize_config_dir
 
-    from benchmarks import benchmark
-    from benchmarks.results import save_result
+    from densekit.benchmarks import benchmark
+    from densekit.benchmarks.results import save_result
     from densekit.utils.files import atomic_save_json
 
     for name, overrides in json.loads((work / "benches.json").read_text()).items():

@@ -16,7 +16,7 @@ model's result saved as soon as it is done (a timeout keeps the finished ones):
 * **latency**: the PyTorch path (``optimize_for_inference``: BN folded, channels_last, eager, fp16 autocast,
   cudnn.benchmark; the compiled figures are the ``bench_*`` steps') and the engine's model, network only and end to
   end (densekit's decoding + NMS / argmax on the engine's outputs), batch 1, interleaved
-  (:func:`benchmarks.timing.time_interleaved`);
+  (:func:`densekit.benchmarks.timing.time_interleaved`);
 * **accuracy**: the synthetic val split (all of it: 50 images; 40 for Cityscapes, resized to the engine's
   1024x2048 by ``data.eval_size``) through the task's evaluation, as ``tools/eval.py`` scores it: PyTorch in fp32
   (``tools/eval.py``'s path: BN folded, channels_last) and the engine.
@@ -180,7 +180,7 @@ def run_job(job: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, 
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from benchmarks.timing import stats, synchronizer, time_interleaved
+    from densekit.benchmarks.timing import stats, synchronizer, time_interleaved
     from densekit.config import register_configs
     from densekit.deploy.formats import FORMATS, export_artifact, load_artifact_model
     from densekit.deploy.formats.artifact import compare_outputs

@@ -1,86 +1,8 @@
-"""Evaluate a detector: ``python tools/eval.py model=efficientdet_d0 data=coco data.split=val weights=...``.
+"""``densekit eval`` run from a checkout: ``python tools/eval.py`` takes the same arguments.
 
-Segmentation: ``model=eseg_lite_s data=cityscapes weights=...`` prints mIoU and per-class IoU (``data.eval_scales``,
-``data.eval_flip``; ``data.split=test`` or ``data.write_predictions=true`` writes labelId PNGs).
-``eval.precision=int8`` (calibrated on ``eval.calibration_images`` train-split images) or ``bf16`` scores the
-network in that precision (densekit.deploy.quantize; with ``eval.compile=true`` for the int8 / bf16 kernels).
-``data.split=test-dev`` (no annotations) writes ``detections_test-dev2017_<model>_results.json`` and its zip for the
-COCO evaluation server. ``eval.visualize=N`` saves N images with predictions drawn. Outputs go to the run directory.
+The code ships with the package (:mod:`densekit.cli.eval`), so that an installed densekit has the command too.
 """
-from __future__ import annotations
-
-import logging
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-
-from densekit.checkpoint.io import atomic_write
-from densekit.cli.errors import UsageError, reports_user_errors, run_tool
-from densekit.config import register_configs
-from densekit.deploy.formats import artifact_of
-from densekit.deploy.optimize import optimize_for_inference
-from densekit.deploy.quantize import calibration_set
-from densekit.engine import distributed as dist_utils
-from densekit.modeling.build import build_model, build_with_weights
-from densekit.tasks import get_task
-from densekit.utils.files import atomic_save_json
-
-log = logging.getLogger("densekit.eval")
-
-
-def evaluate(cfg: DictConfig) -> dict:
-    _, world_size, device = dist_utils.init_distributed(str(cfg.device))
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    task = get_task(cfg)
-    dataset = task.build_dataset(cfg, cfg.data.split, train=False)
-    if cfg.weights:  # num_classes: the run's, the config's, or 90 for the public COCO checkpoints
-        model, what = build_with_weights(cfg.model, cfg.weights, prefer_ema=cfg.eval.ema)
-    elif cfg.eval.allow_random_weights:
-        model, what = build_model(cfg.model), "random weights"
-    else:
-        raise UsageError("tools/eval.py needs weights=<checkpoint> (or eval.allow_random_weights=true)")
-    task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
-    model.to(device)
-    precision = str(cfg.eval.precision)
-    if artifact_of(model) is not None:  # an exported artifact: its precision and graph were fixed at export
-        if precision != "fp32":
-            raise ValueError(f"eval.precision={precision} applies to PyTorch weights; {cfg.weights} runs as exported "
-                             "(export it at that precision: tools/export.py export.precision=...)")
-    elif cfg.eval.fold_bn or cfg.eval.channels_last or cfg.eval.compile or precision != "fp32":
-        # int8 calibrates on train-split images (densekit.deploy.quantize.calibration_set), never on the scored split.
-        calibration = calibration_set(task, cfg, cfg.eval.calibration_images) if precision == "int8" else None
-        model = optimize_for_inference(
-            model, channels_last=cfg.eval.channels_last, fold_bn=cfg.eval.fold_bn, compile=cfg.eval.compile,
-            precision=precision, calibration=calibration, num_images=int(cfg.eval.calibration_images),
-        )
-    loader = task.build_loader(dataset, cfg.eval.batch_size, False, cfg.eval.num_workers, world_size > 1)
-    log.info("evaluating %s (%s) on %s", cfg.model.name, what, dataset)
-    metrics = task.make_evaluate(cfg, dataset, loader, device, out_dir)(model)
-    if dist_utils.is_main_process():
-        record = {"model": cfg.model.name, "weights": cfg.weights, "data": cfg.data.name, "split": cfg.data.split, **metrics}
-        atomic_save_json(record, out_dir / "metrics.json")
-        with atomic_write(out_dir / "config.yaml", "w") as f:
-            OmegaConf.save(cfg, f)
-        print(f"results in {out_dir}")
-    dist_utils.cleanup_distributed()
-    return metrics
-
-
-register_configs()
-
-
-@hydra.main(config_path="../conf", config_name="eval", version_base=None)
-@reports_user_errors()
-def hydra_main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
-
-def main() -> None:
-    """Entry point: a user's mistake is one ``error:`` block, exit code 2 (densekit.cli.errors)."""
-    run_tool(hydra_main)
-
+from densekit.cli.eval import main
 
 if __name__ == "__main__":
     main()

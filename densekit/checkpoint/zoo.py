@@ -34,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ..config import as_overrides
 from ..labels import COCO_ID_HEAD, class_names_of
 from .io import CheckpointError, atomic_write
 
@@ -311,25 +312,6 @@ def architecture_overrides(weights: str | os.PathLike | None) -> dict[str, Any]:
     return deepcopy(dict(get_entry(weights).arch_overrides)) if is_zoo_ref(weights) else {}
 
 
-def _hydra_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    return str(value)
-
-
-def _dotted(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``{"backbone": {"name": "x"}}`` -> ``["backbone.name=x"]``, as on a Hydra command line."""
-    out: list[str] = []
-    for key, value in overrides.items():
-        if isinstance(value, Mapping):
-            out += _dotted(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={_hydra_value(value)}")
-    return out
-
-
 def markdown_table() -> str:
     """The docs/models.md table of every entry, in :data:`ZOO` order."""
     rows = [
@@ -337,7 +319,7 @@ def markdown_table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, e in ZOO.items():
-        applied = ", ".join(_dotted(e.arch_overrides))
+        applied = ", ".join(as_overrides(e.arch_overrides))
         config = f"{e.model}" + (f" ({applied})" if applied else "")
         rows.append(
             f"| `{ZOO_PREFIX}{name}` | {config} | {e.num_classes} ({e.labels}) | {e.image_size} | {e.metric} "

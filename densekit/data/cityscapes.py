@@ -125,6 +125,8 @@ class CityscapesSegmentation(SegmentationDataset):
             e.g. :func:`build_seg_train_transform`; ``None`` returns the full-resolution image as-is.
         exif: Decode images in the frame their EXIF orientation declares (``data.exif_orientation``); ``False``:
             the stored frame.
+        unreadable: What an image or label that cannot be read does (``data.skip_unreadable``, see
+            :func:`densekit.data.checks.unreadable_policy`): ``"raise"``, ``"skip"`` or ``"replace"``.
 
     Raises:
         FileNotFoundError: Missing root, split folder, images, or a gtFine label of some image.
@@ -138,7 +140,7 @@ class CityscapesSegmentation(SegmentationDataset):
 
     def __init__(
         self, root: str | Path | None = None, split: str = "train", transform: Transform | None = None,
-        exif: bool = True,
+        exif: bool = True, unreadable: str = "raise",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown Cityscapes split {split!r}; expected one of {SPLITS}")
@@ -146,6 +148,7 @@ class CityscapesSegmentation(SegmentationDataset):
         self.split = split
         self.transform = transform
         self.exif = exif
+        self.unreadable = unreadable
         self.has_labels = split != "test"
         image_dir = self.root / "leftImg8bit" / split
         if not image_dir.is_dir():

@@ -21,6 +21,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ..labels import CROWD_LABEL
+from .checks import DatasetFiles, ImageProblem, exif_frame_hint, placeholder_item, read_item
 from .decode import check_decoder, decode_file
 from .transforms import TransformOutput, image_to_tensor
 
@@ -151,6 +152,9 @@ class CocoDetection(Dataset):
         transform: ``(image, boxes, labels) -> (image, boxes, labels, scale, size)``, e.g.
             :func:`build_train_transform`; ``None`` returns the image as-is with ``scale=1``.
         train: Keep crowd boxes as ignore regions instead of dropping them.
+        unreadable: What an image that cannot be decoded does: ``"raise"`` its ``OSError``, ``"skip"`` it (a
+            placeholder item the evaluation leaves out) or ``"replace"`` it with the next image (training); see
+            :func:`densekit.data.checks.unreadable_policy` (``data.skip_unreadable``).
 
     Attributes:
         coco: The pycocotools ``COCO`` object of the evaluation ground truth: the json's annotations (crowd ones
@@ -166,13 +170,14 @@ class CocoDetection(Dataset):
 
     def __init__(
         self, image_dir: str | Path, ann_file: str | Path, transform: Transform | None = None, train: bool = True,
-        decoder: str = "opencv", exif: bool = True,
+        decoder: str = "opencv", exif: bool = True, unreadable: str = "raise",
     ) -> None:
         self.image_dir = Path(image_dir)
         self.exif = exif  # decode in the orientation EXIF declares (the displayed frame), as the boxes are drawn
         self.ann_file = Path(ann_file)
         self.transform = transform
         self.train = train
+        self.unreadable = unreadable
         check_decoder(decoder)  # at construction: a typo fails before any worker starts
         self.decoder = decoder
         data = _load_json(self.ann_file)
@@ -298,7 +303,37 @@ class CocoDetection(Dataset):
     def image_path(self, index: int) -> Path:
         return self.image_dir / str(self._file_names[index])
 
+    def size_error(self, index: int, size: tuple[int, int]) -> str | None:
+        """Why an image of ``size`` ``(H, W)`` (decoded, or read from its header in the same frame) cannot be image
+        ``index``: another size in the json, naming EXIF when the json has the photo's other frame; ``None``: it
+        fits."""
+        expected = tuple(int(v) for v in self._sizes[index])
+        if tuple(size) == expected:
+            return None
+        # The json has the photo's other frame (stored vs. displayed): say which, and the switch.
+        rotated = tuple(size) == expected[::-1]
+        exif = exif_frame_hint(self.exif, "the json describes", "the boxes were") if rotated else ""
+        return (
+            f"image file {self.image_path(index)} is {size[0]}x{size[1]} (HxW) but {self.ann_file} says "
+            f"{expected[0]}x{expected[1]} for image id {self.image_ids[index]}; its boxes would be wrong" + exif
+        )
+
+    def listed_files(self, name: str) -> DatasetFiles:
+        """The images of this dataset for the check before training (:func:`densekit.data.checks.check_images`),
+        with the json's sizes to hold their headers to."""
+        def check(index: int, size: tuple[int, int]) -> ImageProblem | None:
+            message = self.size_error(index, size)
+            return None if message is None else ImageProblem(self.image_path(index), message, unreadable=False)
+
+        return DatasetFiles(name, [self.image_path(i) for i in range(len(self))], self.exif, check)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        return read_item(self._load, index, len(self), self.unreadable, self._placeholder)
+
+    def _placeholder(self, index: int, error: OSError) -> tuple[torch.Tensor, dict[str, Any]]:
+        return placeholder_item(error, file=str(self.image_path(index)), image_id=int(self.image_ids[index]))
+
+    def _load(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         path = self.image_path(index)
         image_id = self.image_ids[index]
         try:
@@ -306,17 +341,9 @@ class CocoDetection(Dataset):
         except OSError as e:  # FileNotFoundError included; re-raised with the dataset context, same type
             raise type(e)(f"{e} (image id {image_id} in {self.ann_file})") from None
         orig_size = (int(image.shape[0]), int(image.shape[1]))
-        if orig_size != tuple(self._sizes[index].tolist()):
-            exif = ""
-            if orig_size == tuple(self._sizes[index].tolist())[::-1]:  # the json has the other frame of the photo
-                exif = (" (its EXIF orientation rotates it: " + ("the json describes the stored frame; if the boxes "
-                        "were drawn on it, set data.exif_orientation=false" if self.exif else "the json describes the "
-                        "displayed frame; set data.exif_orientation=true") + ")")
-            raise ValueError(
-                f"image file {path} is {orig_size[0]}x{orig_size[1]} (HxW) but {self.ann_file} says "
-                f"{self._sizes[index][0]}x{self._sizes[index][1]} for image id {image_id}; its boxes would be wrong"
-                + exif
-            )
+        message = self.size_error(index, orig_size)
+        if message is not None:
+            raise ValueError(message)
         boxes, labels = self.annotations(index)
         if self.transform is not None:
             tensor, boxes, labels, scale, size = self.transform(image, boxes, labels)

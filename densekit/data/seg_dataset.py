@@ -10,27 +10,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .checks import (
+    DatasetFiles, ImageProblem, exif_frame_hint, file_problem, header_size, placeholder_item, read_item,
+)
 from .decode import decode_file
 from .seg_transforms import SegTransformOutput, label_to_tensor
 from .transforms import image_to_tensor
 
 Transform = Callable[[np.ndarray, "np.ndarray | None"], SegTransformOutput]
-
-
-def exif_frame_hint(exif: bool, described: str, drawn: str) -> str:
-    """What a size-mismatch error adds when the annotation fits the image's *other* frame (stored vs. displayed,
-    see :mod:`densekit.data.decode`): which frame it is in, and the ``data.exif_orientation`` value that loads the
-    image in that frame.
-
-    Args:
-        exif: Whether the image was decoded in its displayed frame (``data.exif_orientation``).
-        described: The annotation and its verb, e.g. ``"the json describes"``, ``"the label describes"``.
-        drawn: The annotation as the subject of "drawn on it", e.g. ``"the boxes were"``, ``"the label was"``.
-    """
-    if exif:
-        return (f" (its EXIF orientation rotates it: {described} the stored frame; if {drawn} drawn on it, "
-                "set data.exif_orientation=false)")
-    return f" (its EXIF orientation rotates it: {described} the displayed frame; set data.exif_orientation=true)"
 
 
 class SegmentationDataset(Dataset, ABC):
@@ -46,7 +33,8 @@ class SegmentationDataset(Dataset, ABC):
     must be drawn in the same frame, which :meth:`check_label_size` checks as far as sizes tell.
 
     Subclasses set ``transform``, ``has_labels``, ``class_names`` and ``label_ids`` (class index -> the value
-    the dataset's own label files store, how predictions are written back), and may set ``exif``.
+    the dataset's own label files store, how predictions are written back), and may set ``exif`` and
+    ``unreadable``.
     """
 
     transform: Transform | None
@@ -55,6 +43,9 @@ class SegmentationDataset(Dataset, ABC):
     label_ids: np.ndarray
     #: Decode images in their displayed frame (EXIF orientation applied); ``False``: the stored pixel frame.
     exif: bool = True
+    #: What an image or label that cannot be read does: ``"raise"``, ``"skip"`` (evaluation) or ``"replace"``
+    #: (training), see :func:`densekit.data.checks.unreadable_policy` (``data.skip_unreadable``).
+    unreadable: str = "raise"
 
     @property
     def num_classes(self) -> int:
@@ -89,8 +80,6 @@ class SegmentationDataset(Dataset, ABC):
 
     def _exif_hint(self, image: Path, label_size: tuple[int, ...], image_size: tuple[int, int]) -> str:
         # Only on the error path: read the image's size in the frame it was not decoded in (from its header).
-        from .converters.common import image_size as header_size
-
         try:
             other = header_size(image, exif=not self.exif)
         except OSError:
@@ -99,7 +88,37 @@ class SegmentationDataset(Dataset, ABC):
             return ""
         return exif_frame_hint(self.exif, "the label describes", "the label was")
 
+    def listed_files(self, name: str) -> DatasetFiles:
+        """The images of this dataset for the check before training (:func:`densekit.data.checks.check_images`),
+        each with its label file, which must be readable and fit its image."""
+        return DatasetFiles(name, [self.image_path(i) for i in range(len(self))], self.exif, self._label_problem)
+
+    def _label_problem(self, index: int, image_size: tuple[int, int]) -> ImageProblem | None:
+        """What is wrong with the label file of item ``index``, whose image is ``image_size``; from its header."""
+        label = self.label_path(index)
+        if label is None:
+            return None
+        image = self.image_path(index)
+        problem = file_problem(label, "label")
+        if problem is not None:
+            return ImageProblem(image, problem.message)
+        try:
+            size = header_size(label, exif=False)  # label files are read as stored
+        except OSError as error:
+            return ImageProblem(image, f"label file {label} is not a readable image ({error})")
+        try:
+            self.check_label_size(index, label, size, image_size)
+        except ValueError as error:
+            return ImageProblem(image, str(error), unreadable=False)
+        return None
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        return read_item(self._load, index, len(self), self.unreadable, self._placeholder)
+
+    def _placeholder(self, index: int, error: OSError) -> tuple[torch.Tensor, dict[str, Any]]:
+        return placeholder_item(error, file=str(self.image_path(index)), **self.extra_target(index))
+
+    def _load(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         path = self.image_path(index)
         image = decode_file(path, exif=self.exif)  # its errors name the file
         orig_size = (int(image.shape[0]), int(image.shape[1]))

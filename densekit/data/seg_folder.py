@@ -53,6 +53,8 @@ class SegmentationFolder(SegmentationDataset):
         transform: As for Cityscapes (:func:`build_seg_train_transform` / :func:`build_seg_eval_transform`).
         exif: Decode images in the frame their EXIF orientation declares (``data.exif_orientation``); ``False``:
             the stored frame, for labels drawn on the raw pixel grid.
+        unreadable: What an image or label that cannot be read does (``data.skip_unreadable``, see
+            :func:`densekit.data.checks.unreadable_policy`): ``"raise"``, ``"skip"`` or ``"replace"``.
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class SegmentationFolder(SegmentationDataset):
         label_suffix: str = ".png",
         transform: Transform | None = None,
         exif: bool = True,
+        unreadable: str = "raise",
     ) -> None:
         self.exif = exif
+        self.unreadable = unreadable
         self.image_dir = Path(image_dir).expanduser()
         self.label_dir = None if label_dir is None else Path(label_dir).expanduser()
         self.class_names = list(class_names)

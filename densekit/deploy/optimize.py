@@ -7,43 +7,40 @@ order alone, because a module's ``__init__`` order says nothing about its ``forw
 * ``nn.Sequential`` children: a ``Conv2d`` immediately followed by a ``BatchNorm2d`` (densekit's ``ConvNorm``,
   torchvision's ``Conv2dNormActivation`` in the MobileNetV3 backbone);
 * densekit's ``SeparableConv2d``: ``conv_pw`` -> ``bn``;
-* timm's EfficientNet / MobileNetV3 modules: the ``(conv, bn)`` attribute pairs their ``forward`` runs back to back
-  (:data:`_TIMM_PAIRS`); timm's ``BatchNormAct2d`` keeps its dropout / activation after the fold;
+* inside a backbone, the rules of its family (:class:`~densekit.modeling.backbones.family.BackboneFamily`
+  ``fold_rules``), e.g. the ``(conv, bn)`` attribute pairs that timm's EfficientNet / MobileNetV3 / CoAtNet blocks
+  run back to back (:mod:`densekit.modeling.backbones.timm_folding`); timm's ``BatchNormAct2d`` keeps its dropout /
+  activation after the fold;
 * the EfficientDet class / box towers, whose convs are shared across levels but whose BNs are per level: each level
   gets its own folded copy of the shared 1x1 pointwise conv, while the 3x3 depthwise conv stays shared. The pointwise
   conv is a plain matmul, so a per-level copy costs the same FLOPs as the shared one and the BN pass disappears;
   only ``levels x repeats`` small weight copies are added (about 0.25M parameters for D0).
+
+A BatchNorm that no rule covers is not folded, and :func:`fold_batchnorm` says so (a warning per block class, or an
+error with ``strict=True``) instead of leaving the model slower without a word; :func:`unfolded_batchnorms` lists
+every BN left and why.
 """
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..modeling.backbones.family import BACKBONE_FAMILIES, BlockFolding, FoldRules, family_of_backbone
 from ..modeling.dual_bn import unwrap_dual_bn
 from ..modeling.heads.efficientdet import SharedConvTower
 from ..modeling.layers import SeparableConv2d
 from ..utils.memory import retain_freed_memory
 
-__all__ = ["FoldedConvTower", "fold_batchnorm", "optimize_for_inference"]
+__all__ = ["FoldedConvTower", "fold_batchnorm", "optimize_for_inference", "unfolded_batchnorms"]
 
-# timm class name -> (conv attribute, bn attribute) pairs that its forward calls consecutively (timm 1.0 blocks).
-_STEM = (("conv_stem", "bn1"), ("conv_head", "bn2"))
-_S2D = (("conv_s2d", "bn_s2d"),)
-_TIMM_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
-    "EfficientNet": _STEM,
-    "EfficientNetFeatures": _STEM,
-    "MobileNetV3": _STEM,
-    "MobileNetV3Features": _STEM,
-    "ConvBnAct": (("conv", "bn1"),),
-    "DepthwiseSeparableConv": _S2D + (("conv_dw", "bn1"), ("conv_pw", "bn2")),
-    "InvertedResidual": _S2D + (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
-    "EdgeResidual": (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
-}
+#: densekit's separable conv: ``conv_dw -> conv_pw -> bn`` (the BN may be an Identity).
+_SEPARABLE = BlockFolding(pairs=(("conv_pw", "bn"),))
 
 
 class FoldedConvTower(nn.Module):
@@ -94,45 +91,141 @@ def _bn_remainder(bn: nn.Module) -> nn.Module:
     return rest[0] if len(rest) == 1 else nn.Sequential(*rest)
 
 
-def _pairs(module: nn.Module) -> Iterator[tuple[str, str]]:
-    """The ``(conv, bn)`` child-name pairs of ``module`` whose forward applies the BN right after the conv."""
+def _structural_folding(module: nn.Module) -> BlockFolding | None:
+    """Folding read off the module type: ``nn.Sequential`` conv -> BN neighbours, densekit's ``SeparableConv2d``."""
     if isinstance(module, nn.Sequential):
-        names = list(module._modules)
-        yield from zip(names[:-1], names[1:])
-    elif isinstance(module, SeparableConv2d):
-        yield "conv_pw", "bn"
-    elif type(module).__module__.startswith("timm."):
-        yield from _TIMM_PAIRS.get(type(module).__name__, ())
+        children = list(module._modules.items())
+        pairs = ((a, b) for (a, conv), (b, _) in zip(children, children[1:]) if isinstance(conv, nn.Conv2d))
+        return BlockFolding(pairs=tuple(pairs))
+    return _SEPARABLE if isinstance(module, SeparableConv2d) else None
 
 
-def fold_batchnorm(model: nn.Module) -> int:
-    """Fold, in place, every BatchNorm that directly follows a convolution into it; returns how many were folded.
+def _family_rules(model: nn.Module) -> dict[int, FoldRules]:
+    """``id(module)`` -> the fold rules of the family of the backbone that contains it (the innermost one)."""
+    rules: dict[int, FoldRules] = {}
+    for module in model.modules():  # parents before children: an inner backbone overrides an outer one
+        family = family_of_backbone(module)
+        if family is not None:
+            rules.update((id(sub), family.fold_rules) for sub in module.modules())
+    return rules
 
-    The model must be in eval mode (folding bakes in the running statistics). A conv used in more than one place
-    (shared weights) is only folded where its sharing is known, i.e. in :class:`SharedConvTower`. AdvProp's dual
-    BatchNorms are first replaced by their main BNs (the inference ones; the auxiliary twins are dropped).
-    """
-    if model.training:
-        raise ValueError("fold_batchnorm needs an eval-mode model: folding bakes in the BN running statistics")
-    unwrap_dual_bn(model)
+
+def _any_family_rules(module: nn.Module) -> BlockFolding | None:
+    """Outside a densekit backbone (e.g. a bare timm model handed to :func:`fold_batchnorm`): the rules of whichever
+    family defines the block, so that folding does not depend on the wrapper."""
+    return next((f for family in BACKBONE_FAMILIES.values() if (f := family.fold_rules(module)) is not None), None)
+
+
+def _block_folding(module: nn.Module, rules: dict[int, FoldRules]) -> BlockFolding:
+    return _structural_folding(module) or rules.get(id(module), _any_family_rules)(module) or BlockFolding()
+
+
+def _use_counts(model: nn.Module) -> dict[int, int]:
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
+    return uses
+
+
+def _why_not_foldable(parent: nn.Module, conv_name: str, bn_name: str, uses: dict[int, int]) -> str | None:
+    """Why the rule's ``(conv, bn)`` pair of ``parent`` cannot be folded; None when it can."""
+    conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+    if not isinstance(conv, nn.Conv2d):
+        return f"{conv_name} before it is a {type(conv).__name__}, not a Conv2d"
+    if not _foldable_bn(bn):
+        return f"a {type(bn).__name__} is not folded (only BatchNorm2d and timm's BatchNormAct2d with running stats)"
+    if uses[id(conv)] > 1 or uses[id(bn)] > 1:  # folding one use of a shared module would change the others
+        return f"{conv_name} or the BN is shared with another path"
+    return None
+
+
+def _fold_towers(model: nn.Module) -> int:
+    """Replace every :class:`SharedConvTower` by its :class:`FoldedConvTower`; returns the BNs folded."""
     folded = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, SharedConvTower):
                 setattr(parent, name, FoldedConvTower(child))
                 folded += sum(_foldable_bn(bn) for norms in child.norms for bn in norms)
-        for conv_name, bn_name in list(_pairs(parent)):
-            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
-            # A shared conv (or BN) feeds other paths too; folding one use would change the others.
-            if not isinstance(conv, nn.Conv2d) or not _foldable_bn(bn) or uses[id(conv)] > 1 or uses[id(bn)] > 1:
-                continue
-            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
-            setattr(parent, bn_name, _bn_remainder(bn))
-            folded += 1
     return folded
+
+
+def fold_batchnorm(model: nn.Module, *, strict: bool = False) -> int:
+    """Fold, in place, every BatchNorm that directly follows a convolution into it; returns how many were folded.
+
+    The model must be in eval mode (folding bakes in the running statistics). A conv used in more than one place
+    (shared weights) is only folded where its sharing is known, i.e. in :class:`SharedConvTower`. AdvProp's dual
+    BatchNorms are first replaced by their main BNs (the inference ones; the auxiliary twins are dropped). Inside a
+    backbone, its family's fold rules say which of its blocks' BNs follow which conv.
+
+    Args:
+        model: The module to fold.
+        strict: Raise instead of warning when a BatchNorm is left that no rule covers (a block whose ``forward`` no
+            rule describes, e.g. a new timm block): see :func:`unfolded_batchnorms`.
+
+    Raises:
+        ValueError: the model is in training mode; with ``strict``, a BatchNorm that no rule covers.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm needs an eval-mode model: folding bakes in the BN running statistics")
+    unwrap_dual_bn(model)
+    folded = _fold_towers(model)
+    uses, rules = _use_counts(model), _family_rules(model)
+    for parent in list(model.modules()):
+        for conv_name, bn_name in _block_folding(parent, rules).pairs:
+            if _why_not_foldable(parent, conv_name, bn_name, uses) is None:
+                bn = getattr(parent, bn_name)
+                setattr(parent, conv_name, fuse_conv_bn_eval(getattr(parent, conv_name), bn))
+                setattr(parent, bn_name, _bn_remainder(bn))
+                folded += 1
+    _report_uncovered(model, strict)
+    return folded
+
+
+def unfolded_batchnorms(model: nn.Module) -> dict[str, str | None]:
+    """Every BatchNorm in ``model`` (by module path) with why it is not folded, None where no rule covers it.
+
+    After :func:`fold_batchnorm` these are the BNs the optimised model still runs: the ones its blocks' rules keep
+    on purpose (a pre-norm that no conv precedes), those whose rule cannot apply (a shared conv), and the uncovered.
+    """
+    uses, rules = _use_counts(model), _family_rules(model)
+    out: dict[str, str | None] = {}
+    for path, parent in model.named_modules():
+        block = _block_folding(parent, rules)
+        conv_before = {bn: conv for conv, bn in block.pairs}
+        kept = dict(block.kept)
+        for name, child in parent.named_children():
+            if not isinstance(child, _BatchNorm):
+                continue
+            why = kept.get(name)
+            if why is None and name in conv_before:
+                conv = conv_before[name]
+                why = _why_not_foldable(parent, conv, name, uses) or f"foldable into {conv} (not folded yet)"
+            out[f"{path}.{name}" if path else name] = why
+    return out
+
+
+def _report_uncovered(model: nn.Module, strict: bool) -> None:
+    """Warn once per block class (or raise) about the BatchNorms that no fold rule covers."""
+    by_class: dict[str, list[str]] = {}
+    for path, why in unfolded_batchnorms(model).items():
+        if why is None:
+            parent = model.get_submodule(path.rpartition(".")[0])
+            by_class.setdefault(f"{type(parent).__module__}.{type(parent).__qualname__}", []).append(path)
+    messages = [_uncovered_message(cls, paths) for cls, paths in by_class.items()]
+    if messages and strict:
+        raise ValueError("\n".join(messages))
+    for message in messages:
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _uncovered_message(cls: str, paths: list[str]) -> str:
+    names = ", ".join(sorted({path.rpartition(".")[2] for path in paths}))
+    return (
+        f"fold_batchnorm: no folding rule covers the BatchNorm(s) {names} of {cls} ({len(paths)} in all, e.g. "
+        f"{paths[0]}): they stay unfolded and run at inference. Describe the block's (conv, bn) pairs, or the BNs "
+        "it keeps and why, in its backbone family's fold_rules (densekit/modeling/backbones)"
+    )
 
 
 def optimize_for_inference(

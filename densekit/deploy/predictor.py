@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from ..checkpoint.convert import load_state_dict_any
@@ -26,7 +25,7 @@ from ..checkpoint.weights import read_model_weights
 from ..config import image_size_arg
 from ..data.coco import read_image
 from ..labels import class_names_of
-from ..modeling.build import build_model, build_with_weights, load_model_config
+from ..modeling.model_spec import model_spec
 from .formats import artifact_of, convert_model, is_artifact, load_artifact_model
 from .optimize import optimize_for_inference
 from .predictions import Prediction
@@ -86,12 +85,11 @@ def load_model(model: str | Any, weights: str | os.PathLike | None, prefer_ema: 
             found = read_model_weights(weights, prefer_ema=prefer_ema)
             load_state_dict_any(model, found.state_dict, found.source)
         return model
-    cfg = load_model_config(model, **overrides) if isinstance(model, str) else OmegaConf.merge(model, overrides)
-    if weights is not None:  # a checkpoint, or an exported artifact (runs in its own runtime)
-        return build_with_weights(cfg, weights, prefer_ema=prefer_ema)[0]  # a densekit run knows its classes
-    net = build_model(cfg)
-    log.warning("no weights given: %s predicts with freshly initialised weights", net.config.name)
-    return net
+    # A checkpoint (a densekit run knows its classes), or an exported artifact (runs in its own runtime).
+    spec = model_spec(model, weights, prefer_ema=prefer_ema, **overrides)
+    if weights is None:
+        log.warning("no weights given: %s predicts with freshly initialised weights", spec.config.name)
+    return spec.build()
 
 
 class Predictor:

@@ -64,6 +64,11 @@ class HookBase:
     def after_train(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Release what :meth:`before_train` opened (files, writers, the progress bar). Called when training stops
+        early (a NaN stop, Ctrl-C, an error) instead of :meth:`after_train`, which calls it itself where needed;
+        calling it twice is harmless."""
+
 
 def is_log_step(trainer: Trainer) -> bool:
     """Whether the step just taken is one the writers report (every ``log_every`` and the last)."""
@@ -111,6 +116,9 @@ class ProgressBar(HookBase):
             self.bar.set_postfix(loss=f"{t.loss.item():.4f}", lr=f"{t.lr:.2e}", img_s=f"{t.images_per_s:.1f}")
 
     def after_train(self) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.bar.close()
 
 
@@ -185,7 +193,10 @@ class TensorBoardWriter(HookBase):
             self.writer.add_scalar(f"eval/{k}", v, self.trainer.step)
 
     def after_train(self) -> None:
-        self.writer.close()
+        self.close()
+
+    def close(self) -> None:
+        self.writer.close()  # flushes the events written so far
 
 
 class MetricsJsonWriter(HookBase):

@@ -45,6 +45,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.compile",
     "train.channels_last",
     "data.decoder",  # every decoder gives the same pixels (docs/benchmarks.md)
+    "data.skip_unreadable",  # leave out images that cannot be read: what a run stopped by a read error resumes with
     "eval",
 )
 # Keys not compared: the model's classes come from the dataset (the data keys are compared instead).

@@ -5,6 +5,8 @@ poly decay, mixed precision, channels_last weights and batches (``train.channels
 DistributedDataParallel (torchrun), AdvProp (``train.advprop``: :mod:`densekit.engine.advprop`), and resume from
 ``checkpoints/last.pth``. Everything around the step
 (checkpointing, evaluation, writers, progress, the NaN stop, timing) is a hook: see :mod:`densekit.engine.hooks`.
+The final evaluation runs once the last step's checkpoint is written; if it fails, :class:`FinalEvaluationError`
+names that checkpoint, so a finished training is never lost to its evaluation.
 The engine knows no task and imports nothing from ``data/``: mid-epoch resume asks the loader's sampler for
 :class:`SkippableSampler`.
 """
@@ -27,12 +29,43 @@ from ..modeling.dual_bn import convert_to_dual_bn
 from . import distributed as dist_utils
 from .advprop import AdvProp
 from .ema import ModelEMA
-from .hooks import EvaluateFn, HookBase, TrainingDiverged, default_hooks
+from .hooks import EvalHook, EvaluateFn, HookBase, TrainingDiverged, default_hooks
 from .schedule import warmup_cosine, warmup_poly
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SkippableSampler", "StagedLoaders", "Trainer", "TrainingDiverged"]
+__all__ = ["FinalEvaluationError", "SkippableSampler", "StagedLoaders", "Trainer", "TrainingDiverged"]
+
+
+class FinalEvaluationError(ValueError):
+    """The evaluation after the last step failed (e.g. an image that cannot be decoded); training itself finished
+    and ``checkpoint`` holds its weights. A ``ValueError``: the tools report it as one ``error:`` block.
+
+    Args:
+        error: What the evaluation raised (its message names the image, for a decoding error).
+        checkpoint: The saved training state of the last step, ``None`` if none was written.
+        how_to_evaluate: The command that evaluates ``checkpoint``, added to the message when given.
+    """
+
+    def __init__(self, error: BaseException, checkpoint: Path | None, how_to_evaluate: str = "") -> None:
+        self.error, self.checkpoint = error, checkpoint
+        saved = (f"the weights of the last step are saved in {checkpoint}" if checkpoint is not None
+                 else "no checkpoint was written (no PeriodicCheckpointer hook)")
+        message = f"training finished, but its final evaluation failed: {_root_message(error)}\n{saved}"
+        if how_to_evaluate:
+            message += f"\nevaluate them with:\n  {how_to_evaluate}"
+        super().__init__(message)
+
+
+def _root_message(error: BaseException) -> str:
+    """The message of ``error``; for one re-raised from a DataLoader worker, the worker's exception line (its
+    message starts with the worker's traceback)."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    kind, _, message = last.partition(": ")
+    return message if message and kind.split(".")[-1].endswith(("Error", "Exception")) else last
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -294,14 +327,42 @@ class Trainer:
         self.resume_if_possible()
         self.set_train_mode()
         self._call_hooks("before_train")
-        for _, (images, targets) in self._batches():
-            if self.step >= self.total_steps:
-                break
-            self._call_hooks("before_step")
-            self.run_step(images, targets)
-            self._call_hooks("after_step")
-        self._call_hooks("after_train")
+        try:
+            for _, (images, targets) in self._batches():
+                if self.step >= self.total_steps:
+                    break
+                self._call_hooks("before_step")
+                self.run_step(images, targets)
+                self._call_hooks("after_step")
+        except BaseException:  # a NaN stop, Ctrl-C, an error: the writers flush, the progress bar ends
+            self._call_hooks("close")
+            raise
+        self._after_train()
         return self.metrics
+
+    def _after_train(self) -> None:
+        """Every hook's ``after_train``, the final evaluation (:class:`EvalHook`) included, which the checkpoint of the
+        last step precedes (``PeriodicCheckpointer`` writes it in that step's ``after_step``). A failed evaluation
+        still lets the other hooks finish (the TensorBoard writer flushes), then raises what it raised: a user's
+        error (``OSError`` / ``ValueError``: a file) as :class:`FinalEvaluationError` naming the checkpoint, any
+        other with a note naming it."""
+        failure: Exception | None = None
+        for hook in self.hooks:
+            if not isinstance(hook, EvalHook):
+                hook.after_train()
+                continue
+            try:
+                hook.after_train()
+            except Exception as error:  # anything: the run's record is written either way
+                failure = error
+        if failure is None:
+            return
+        checkpoint = find_resume_checkpoint(self.checkpoint_dir)
+        if isinstance(failure, (OSError, ValueError)):
+            raise FinalEvaluationError(failure, checkpoint) from failure
+        if hasattr(failure, "add_note"):  # Python 3.11+: shown under the traceback
+            failure.add_note(f"training finished; the weights of the last step are saved in {checkpoint}")
+        raise failure
 
     def run_step(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> None:
         """One optimisation step on a batch: forward (autocast), backward (scaled), clip, step, schedule, EMA."""

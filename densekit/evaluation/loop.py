@@ -11,10 +11,12 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..data.checks import SKIPPED, is_skipped
 from ..data.coco import read_image
 from ..engine import distributed as dist_utils
 from ..utils.visualize import draw_detections, save_image
@@ -30,6 +32,42 @@ class Evaluator(Protocol):
     def evaluate(self) -> dict[str, Any]: ...
 
 
+class SkippedImages:
+    """The unreadable images an evaluation leaves out: with ``data.skip_unreadable=true`` a dataset returns a
+    placeholder item for each (:func:`densekit.data.checks.is_skipped`). :meth:`take` removes them from every batch
+    before the model sees it, so they are neither predicted nor scored (COCOeval scores the images it was given
+    detections for, the confusion matrix counts the pixels it was given); :meth:`report` logs them once."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}  # image file -> why it was not read
+
+    def take(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The batch without its placeholders (no targets left: a batch of unreadable images only)."""
+        keep = [i for i, target in enumerate(targets) if not is_skipped(target)]
+        if len(keep) == len(targets):
+            return images, targets
+        self.reasons.update({str(t.get("file")): str(t[SKIPPED]) for t in targets if is_skipped(t)})
+        return images[keep], [targets[i] for i in keep]
+
+    def report(self, split: str, total: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Warn once (main process) with the count and names of the images left out (every rank's: collective under
+        torch.distributed); ``metrics`` plus ``skipped_images`` (count) and ``skipped_files`` when there are any."""
+        reasons = dict(self.reasons)
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, reasons)
+            reasons = {file: why for part in gathered for file, why in part.items()}
+        if not reasons:
+            return metrics
+        if dist_utils.is_main_process():
+            listed = "\n".join(f"  {why}" for why in list(reasons.values())[:10])
+            more = f"\n  ... and {len(reasons) - 10} more" if len(reasons) > 10 else ""
+            log.warning("eval %s: %d of %d images cannot be read and were not evaluated (data.skip_unreadable=true); "
+                        "the metrics are over the other %d:\n%s%s", split, len(reasons), total,
+                        total - len(reasons), listed, more)
+        return {**metrics, "skipped_images": len(reasons), "skipped_files": sorted(reasons)}
+
+
 @torch.inference_mode()
 def run_inference(
     model: nn.Module,
@@ -38,11 +76,17 @@ def run_inference(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     desc: str = "eval",
+    skipped: SkippedImages | None = None,
 ) -> dict[str, Any]:
-    """Feed every batch through ``model`` in eval mode and return ``evaluator.evaluate()``."""
+    """Feed every batch through ``model`` in eval mode and return ``evaluator.evaluate()``; the placeholders of
+    unreadable images are left out and recorded in ``skipped`` (see :class:`SkippedImages`)."""
+    skipped = SkippedImages() if skipped is None else skipped
     was_training = model.training
     model.eval()
     for images, targets in tqdm(loader, desc=desc, dynamic_ncols=True, leave=False):
+        images, targets = skipped.take(images, targets)
+        if not targets:
+            continue
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(images.to(device, non_blocking=True))
         outputs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
@@ -68,7 +112,8 @@ def evaluate_detector(
     Writes ``detections_<split>.json`` (COCO results: original ids, xywh in original pixels) and, for a split
     without annotations (test-dev), the evaluation-server json + zip instead of metrics. ``label_map`` maps model
     labels to the dataset's category ids. Returns the metrics (empty for test-dev); the main process also prints the
-    COCO table.
+    COCO table. Images the dataset could not read (``data.skip_unreadable``) are left out and not scored: the
+    metrics then hold their count and names (``skipped_images``, ``skipped_files``; see :class:`SkippedImages`).
     """
     output_dir = Path(output_dir)
     in_dataset = [c in dataset.coco.cats for c in label_map]  # labels the dataset has a category for
@@ -78,11 +123,12 @@ def evaluate_detector(
     ]
     evaluator = CocoEvaluator(dataset.coco, label_map, class_names, score_threshold=score_threshold)
     has_annotations = len(dataset.coco.getAnnIds()) > 0
+    skipped = SkippedImages()
     with restrict_labels(model, in_dataset):
-        if has_annotations:
-            metrics = run_inference(model, loader, evaluator, device, desc=f"eval {split}")
+        if has_annotations:  # COCOeval scores the images evaluated (params.imgIds): not the skipped ones
+            metrics = run_inference(model, loader, evaluator, device, desc=f"eval {split}", skipped=skipped)
         else:
-            run_inference(model, loader, _Collect(evaluator), device, desc=f"predict {split}")
+            run_inference(model, loader, _Collect(evaluator), device, desc=f"predict {split}", skipped=skipped)
             metrics = {}
     if dist_utils.is_main_process():
         results = evaluator.results()
@@ -96,7 +142,7 @@ def evaluate_detector(
         if visualize:
             with restrict_labels(model, in_dataset):
                 save_visualizations(model, dataset, visualize, output_dir / "vis", device, class_names)
-    return metrics
+    return skipped.report(split, len(dataset), metrics)
 
 
 @contextlib.contextmanager
@@ -139,6 +185,8 @@ def save_visualizations(model: nn.Module, dataset: Any, count: int, out_dir: Pat
     model.eval()
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
+        if is_skipped(target):  # unreadable (data.skip_unreadable): nothing to draw on
+            continue
         det = model(image[None].to(device))[0]
         boxes = (det["boxes"].cpu().numpy() / float(target["scale"])).astype(np.float32)
         original = read_image(dataset.image_path(index), exif=getattr(dataset, "exif", True))
@@ -181,13 +229,19 @@ def evaluate_segmenter(
 
     For a split without labels (test) only label PNGs (in the dataset's own encoding) are written (``<output_dir>/pred_<split>/``, the format of
     cityscapesscripts' evaluation and the benchmark server); with ``write_pngs`` they are written for any split.
+    Images the dataset could not read (``data.skip_unreadable``) are left out of the confusion matrix: the metrics
+    then hold their count and names (``skipped_images``, ``skipped_files``; see :class:`SkippedImages`).
     """
     output_dir = Path(output_dir)
     evaluator = CityscapesEvaluator(model.num_classes, model.ignore_index, class_names=dataset.class_names)
     pred_dir = output_dir / f"pred_{split}"
+    skipped = SkippedImages()
     was_training = model.training
     model.eval()
     for images, targets in tqdm(loader, desc=f"eval {split}", dynamic_ncols=True, leave=False):
+        images, targets = skipped.take(images, targets)  # unreadable images: not in the confusion matrix
+        if not targets:
+            continue
         preds = predict_segmentation(model, images.to(device), tuple(scales), flip)
         outputs = [{"sem_seg": p[: t["size"][0], : t["size"][1]]} for p, t in zip(preds, targets)]
         if dataset.has_labels:
@@ -206,7 +260,7 @@ def evaluate_segmenter(
             print(f"predicted label PNGs in {pred_dir}")
         if visualize:
             save_segmentation_pictures(model, dataset, visualize, output_dir / "vis", device)
-    return metrics
+    return skipped.report(split, len(dataset), metrics)
 
 
 @torch.inference_mode()
@@ -216,6 +270,8 @@ def save_segmentation_pictures(model: nn.Module, dataset: Any, count: int, out_d
     model.eval()
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
+        if is_skipped(target):  # unreadable (data.skip_unreadable): nothing to draw on
+            continue
         pred = model(image[None].to(device))[0]["sem_seg"].cpu()
         rgb = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         panels = [rgb, colorize(pred)]

@@ -16,10 +16,8 @@ from torch import nn
 
 # The meta-architecture modules register themselves (schema + builder) in META_ARCHS on import.
 from . import detector, segmenter  # noqa: F401
-from ..checkpoint.convert import load_state_dict_any
-from ..checkpoint.finetune import load_for_finetuning
-from ..checkpoint.weights import read_model_weights
 from .backbones import use_weights_normalization
+from .model_spec import model_spec
 from .registry import META_ARCHS
 
 #: The architecture of a config that does not say (a partial dict handed to :func:`build_model`).
@@ -65,33 +63,76 @@ def resolve_model_config(cfg: Any, source: str = "model config", arch: str | Non
     return resolved
 
 
+#: The environment variable naming a folder of the user's own config YAMLs (:func:`user_config_dir`).
+CONF_ENV = "DENSEKIT_CONF"
+
+
 def config_dir() -> Path:
-    """The ``conf/`` tree: ``$DENSEKIT_CONF`` or the one beside the package (editable install / source checkout)."""
-    path = Path(os.environ.get("DENSEKIT_CONF", Path(__file__).resolve().parents[2] / "conf"))
+    """densekit's own config tree, ``densekit/conf``: package data of the wheel (a checkout links it as ``conf/``)."""
+    path = Path(__file__).resolve().parents[1] / "conf"
     if not (path / "model").is_dir():
-        raise FileNotFoundError(f"densekit config tree not found at {path}; set DENSEKIT_CONF to the repo's conf/ directory")
+        raise FileNotFoundError(f"densekit's config tree is missing at {path}: an incomplete installation; "
+                                "reinstall densekit")
     return path
 
 
+def user_config_dir() -> Path | None:
+    """``$DENSEKIT_CONF``, a folder of the user's own YAMLs laid out as densekit's (``model/``, ``data/``,
+    ``train/``, ...), looked in before densekit's own; None when the variable is unset or empty.
+
+    Raises:
+        FileNotFoundError: the variable names no folder (a typo would otherwise hide the user's configs silently).
+    """
+    value = os.environ.get(CONF_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{CONF_ENV}={value}: no such folder\n{CONF_ENV} names a folder of your own config YAMLs, laid out as "
+            f"densekit's conf/ (model/, data/, train/, ...), which are added to densekit's; create it or unset "
+            f"{CONF_ENV}"
+        )
+    return path
+
+
+def config_dirs() -> list[Path]:
+    """Where config YAMLs are looked up, first match first: the user's folder (:func:`user_config_dir`), then
+    densekit's (:func:`config_dir`). The Hydra tools search the same folders in the same order
+    (:mod:`densekit.cli.user_conf`)."""
+    user = user_config_dir()
+    return [*([user] if user is not None else []), config_dir()]
+
+
+def _model_files() -> dict[str, Path]:
+    """Model name -> its YAML in :func:`config_dirs`; a user's file shadows densekit's of the same name."""
+    files: dict[str, Path] = {}
+    for folder in reversed(config_dirs()):  # densekit's first, so that the user's overwrite them
+        files.update({p.stem: p for p in (folder / "model").glob("*.yaml") if not p.stem.startswith("_")})
+    return files
+
+
 def list_models(arch: str | None = None) -> list[str]:
-    """Names accepted by :func:`create_model` (the files in ``conf/model``).
+    """Names accepted by :func:`create_model`: the files in ``conf/model``, and in ``$DENSEKIT_CONF/model``.
 
     Args:
         arch: Only models of this architecture (``"efficientdet"``, ``"segmenter"``); ``None`` lists all.
     """
-    model_dir = config_dir() / "model"
-    names = sorted(p.stem for p in model_dir.glob("*.yaml") if not p.stem.startswith("_"))
+    files = _model_files()
+    names = sorted(files)
     if arch is None:
         return names
     # Reading the files' defaults lists costs milliseconds.
-    return [n for n in names if arch_of_yaml(OmegaConf.load(model_dir / f"{n}.yaml"), n) == arch]
+    return [n for n in names if arch_of_yaml(OmegaConf.load(files[n]), n) == arch]
 
 
 def load_model_config(name: str, **overrides: Any) -> DictConfig:
-    """The resolved config of ``conf/model/<name>.yaml`` with ``overrides`` (nested dicts) merged on top."""
-    path = config_dir() / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    """The resolved config of ``conf/model/<name>.yaml`` (``$DENSEKIT_CONF/model/<name>.yaml`` first) with
+    ``overrides`` (nested dicts) merged on top."""
+    files = _model_files()
+    if name not in files:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(files))}")
+    path = files[name]
     raw = OmegaConf.load(path)
     arch = arch_of_yaml(raw, str(path))
     raw.pop("defaults")  # Hydra's pointer to the schema, which resolve_model_config applies itself
@@ -124,42 +165,7 @@ def create_model(name: str, num_classes: int | None = None, weights: str | os.Pa
             keys) is applied unless ``num_classes`` / ``overrides`` say otherwise.
         **overrides: Config overrides as nested dicts, e.g. ``neck={"repeats": 1}``, ``image_size=[256, 256]``.
     """
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    if weights is None:
-        return build_model(load_model_config(name, **overrides))
-    read = read_model_weights(weights)  # read first: a missing file or failed download fails before the build
-    model = build_model(load_model_config(name, **_under(overrides, read.model_overrides)))
+    spec = model_spec(name, weights, **overrides)  # reads the weights first: a bad file fails before the build
     if num_classes is not None:  # asked for a class count: fine-tune (only the class predictor may start over)
-        load_for_finetuning(model, read)
-    else:
-        load_state_dict_any(model, read.state_dict, read.source)
-    return model
-
-
-def build_with_weights(model_cfg: Any, weights: str | os.PathLike, prefer_ema: bool = False) -> tuple[nn.Module, str]:
-    """The model of ``model_cfg`` as the checkpoint ``weights`` records it (a densekit run's class count and names,
-    a zoo entry's config keys), loaded all-or-nothing: what tools/eval.py, tools/export.py and the Predictor run.
-    Returns the model and a description of the weights for messages (e.g. ``"EMA weights of run/last.pth"``).
-
-    ``weights`` may also be an exported artifact (``.onnx``, ``.xml``, ``.engine``): the model then runs it
-    (:func:`densekit.deploy.formats.load_artifact_model`; it must be an artifact of ``model_cfg``'s model)."""
-    from ..deploy.formats import FORMATS, is_artifact, load_artifact_model  # late: deploy imports modeling
-
-    if is_artifact(weights):
-        model = load_artifact_model(weights, expected=model_cfg)
-        info = model.artifact.info
-        return model, f"{FORMATS.get(info.format).runtime_name} {info.precision} artifact {weights}"
-    found = read_model_weights(weights, prefer_ema=prefer_ema)
-    model = build_model(OmegaConf.merge(model_cfg, found.model_overrides))
-    load_state_dict_any(model, found.state_dict, found.source)
-    return model, found.source
-
-
-def _under(overrides: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
-    """``recorded`` (what the weights know) with the caller's ``overrides`` on top; recorded class names are dropped
-    when the caller sets another class count (they would name the wrong labels)."""
-    recorded = dict(recorded)
-    if "num_classes" in overrides and overrides["num_classes"] != recorded.get("num_classes"):
-        recorded.pop("class_names", None)
-    return OmegaConf.to_container(OmegaConf.merge(recorded, overrides))
+        spec = spec.with_classes(num_classes, overrides.get("class_names"))
+    return spec.build()

@@ -8,18 +8,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..data.checks import unreadable_policy
 from ..data.coco import CocoDetection, coco_paths
 from ..data.corruptions import corrupting
 from ..data.progressive import Stage, stage_scale_range, stage_size
 from ..data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
-from ..config import image_size_arg
+from ..config import CocoFilesDataConfig, CocoRootDataConfig, SyntheticCocoDataConfig, image_size_arg
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..deploy.onnx import detection_export_module
 from ..deploy.predictions import DetectionInference
 from ..evaluation.loop import evaluate_detector
 from ..labels import COCO_ID_HEAD, class_names_of
 from ..utils import PAPER, count_macs, count_parameters, format_count
-from .base import TASKS, EvaluateFn, Task
+from .base import TASKS, DataLayout, EvaluateFn, Task, data_layout, register_data_layout, skipped_note
 
 
 
@@ -42,24 +43,51 @@ def fill_of(pixel_mean: Any) -> dict[str, tuple[int, ...]]:
     return {} if pixel_mean is None else {"fill": tuple(round(255 * m) for m in pixel_mean)}
 
 
-def coco_split_files(data_cfg: Any, split: str) -> tuple[Path, Path]:
-    """Image folder and annotation json of ``split``: given by path (``data.<split>_images`` /
-    ``data.<split>_annotations``, as in ``conf/data/custom.yaml``), the synthetic dataset, or COCO's official layout
-    under ``data.root``."""
-    if f"{split}_annotations" in data_cfg or f"{split}_images" in data_cfg:
-        images, annotations = data_cfg.get(f"{split}_images"), data_cfg.get(f"{split}_annotations")
-        if not images or not annotations:
-            raise ValueError(
-                f"data={data_cfg.name}: split {split!r} needs data.{split}_images (the image folder) and "
-                f"data.{split}_annotations (its COCO json), e.g. data.{split}_images=/data/images "
-                f"data.{split}_annotations=/data/{split}.json"
-            )
-        return Path(images).expanduser(), Path(annotations).expanduser()
+def _files_by_path(data_cfg: Any, split: str) -> tuple[Path, Path]:
+    """``data.<split>_images`` / ``data.<split>_annotations``, as in ``conf/data/custom.yaml``."""
+    images, annotations = data_cfg.get(f"{split}_images"), data_cfg.get(f"{split}_annotations")
+    if not images or not annotations:
+        raise ValueError(
+            f"data={data_cfg.name}: split {split!r} needs data.{split}_images (the image folder) and "
+            f"data.{split}_annotations (its COCO json), e.g. data.{split}_images=/data/images "
+            f"data.{split}_annotations=/data/{split}.json"
+        )
+    return Path(images).expanduser(), Path(annotations).expanduser()
+
+
+def _synthetic_files(data_cfg: Any, split: str) -> tuple[Path, Path]:
+    """The synthetic shapes under ``data.root``, generated there on first use."""
     root = Path(data_cfg.root)
-    if data_cfg.get("generate", False):
-        ensure_synthetic_coco(root, num_train=data_cfg.get("num_train", 400), num_val=data_cfg.get("num_val", 50))
-        return synthetic_coco_paths(root, split)
-    return coco_paths(root, split)
+    ensure_synthetic_coco(root, num_train=data_cfg.get("num_train", 400), num_val=data_cfg.get("num_val", 50))
+    return synthetic_coco_paths(root, split)
+
+
+def _official_files(data_cfg: Any, split: str) -> tuple[Path, Path]:
+    return coco_paths(Path(data_cfg.root), split)
+
+
+def _by_path(data_cfg: Any) -> bool:
+    """Whether a COCO data config names its files by path: any ``*_images`` / ``*_annotations`` key (a typo'd one
+    too, so that the key check then names it next to the keys it resembles)."""
+    return any(str(key).endswith(("_images", "_annotations")) for key in data_cfg)
+
+
+#: The layouts of COCO-format data, registered in DATA_LAYOUTS.
+COCO_LAYOUTS = tuple(register_data_layout(layout) for layout in (
+    DataLayout("coco_files", "coco", "a COCO json + image folder per split, by path", CocoFilesDataConfig,
+               selects=_by_path, build=_files_by_path),
+    DataLayout("synthetic_coco", "coco", "the synthetic shapes, generated under data.root", SyntheticCocoDataConfig,
+               selects=lambda d: not _by_path(d) and bool(d.get("generate", False)), build=_synthetic_files),
+    DataLayout("coco", "coco", "COCO's official layout under data.root", CocoRootDataConfig,
+               selects=lambda d: not _by_path(d) and not d.get("generate", False), build=_official_files),
+))
+
+
+def coco_split_files(data_cfg: Any, split: str) -> tuple[Path, Path]:
+    """Image folder and annotation json of ``split``, found by the data config's COCO layout (:data:`DATA_LAYOUTS`):
+    given by path (``data.<split>_images`` / ``data.<split>_annotations``), the synthetic dataset, or COCO's official
+    layout under ``data.root``."""
+    return data_layout(data_cfg, "coco").build(data_cfg, split)
 
 
 def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, pixel_mean: Any = None) -> CocoDetection:
@@ -78,7 +106,8 @@ def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, 
         else corrupting(build_eval_transform(image_size, **fill_of(pixel_mean)), data_cfg)
     )
     return CocoDetection(image_dir, ann_file, transform=transform, train=train, decoder=data_cfg.get("decoder", "opencv"),
-                         exif=bool(data_cfg.get("exif_orientation", True)))
+                         exif=bool(data_cfg.get("exif_orientation", True)),
+                         unreadable=unreadable_policy(data_cfg, train))
 
 
 def label_map_for_model(dataset: CocoDetection, num_classes: int) -> list[int]:
@@ -113,7 +142,7 @@ class DetectionTask(Task):
 
     name = "detection"
     arch = "efficientdet"
-    data_formats = ("coco",)
+    data_formats = tuple(dict.fromkeys(layout.format for layout in COCO_LAYOUTS))
 
     def build_dataset(self, cfg: Any, split: str, train: bool) -> CocoDetection:
         size = input_size(cfg.data, cfg.model)
@@ -143,7 +172,8 @@ class DetectionTask(Task):
 
     def headline(self, metrics: dict[str, Any]) -> str:
         nan = float("nan")
-        return f"AP {metrics.get('AP', nan):.3f}  AP50 {metrics.get('AP50', nan):.3f}  AP75 {metrics.get('AP75', nan):.3f}"
+        ap = "  ".join(f"{name} {metrics.get(name, nan):.3f}" for name in ("AP", "AP50", "AP75"))
+        return ap + skipped_note(metrics)
 
     def summary(self, model: nn.Module, size: tuple[int, int]) -> str:
         cfg = model.config

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import image_size_arg
+from ..config import CityscapesDataConfig, SegFolderDataConfig, SyntheticCityscapesDataConfig, image_size_arg
+from ..data.checks import unreadable_policy
 from ..data.cityscapes import CityscapesSegmentation
 from ..data.progressive import Stage, stage_scale_range, stage_size
 from ..data.seg_folder import SegmentationFolder, read_class_names
@@ -20,7 +21,7 @@ from ..deploy.predictions import SegmentationInference
 from ..evaluation.loop import evaluate_segmenter
 from ..labels import class_names_of
 from ..utils import count_macs, count_parameters, format_count
-from .base import TASKS, EvaluateFn, Task
+from .base import TASKS, DataLayout, EvaluateFn, Task, data_layout, register_data_layout, skipped_note
 from .detection import fill_of
 
 
@@ -34,7 +35,7 @@ def build_cityscapes_dataset(data_cfg: Any, split: str, train: bool, pixel_mean:
             data_cfg.root, num_train=data_cfg.num_train, num_val=data_cfg.num_val, size=tuple(data_cfg.synthetic_size)
         )
     return CityscapesSegmentation(data_cfg.root, split, transform=_seg_transform(data_cfg, train, pixel_mean),
-                                  exif=_exif_of(data_cfg))
+                                  exif=_exif_of(data_cfg), unreadable=unreadable_policy(data_cfg, train))
 
 
 def build_seg_folder_dataset(data_cfg: Any, split: str, train: bool, pixel_mean: Any = None) -> SegmentationFolder:
@@ -54,7 +55,7 @@ def build_seg_folder_dataset(data_cfg: Any, split: str, train: bool, pixel_mean:
         images, labels, read_class_names(data_cfg.classes), ignore_index=int(data_cfg.ignore_index),
         reduce_zero_label=bool(data_cfg.reduce_zero_label), image_suffix=data_cfg.get("image_suffix"),
         label_suffix=data_cfg.label_suffix, transform=_seg_transform(data_cfg, train, pixel_mean),
-        exif=_exif_of(data_cfg),
+        exif=_exif_of(data_cfg), unreadable=unreadable_policy(data_cfg, train),
     )
 
 
@@ -75,8 +76,19 @@ def _seg_transform(data_cfg: Any, train: bool, pixel_mean: Any) -> Any:
     return build_seg_eval_transform(tuple(size) if size else None)
 
 
-#: Dataset builder of each ``data.format`` this task reads.
-DATASET_BUILDERS = {"cityscapes": build_cityscapes_dataset, "seg_folder": build_seg_folder_dataset}
+def _generated(data_cfg: Any) -> bool:
+    return bool(data_cfg.get("generate", False))
+
+
+#: The layouts of the formats this task reads, registered in DATA_LAYOUTS.
+SEG_LAYOUTS = tuple(register_data_layout(layout) for layout in (
+    DataLayout("cityscapes", "cityscapes", "Cityscapes' official layout under data.root", CityscapesDataConfig,
+               selects=lambda d: not _generated(d), build=build_cityscapes_dataset),
+    DataLayout("synthetic_cityscapes", "cityscapes", "synthetic street scenes in the Cityscapes layout, generated "
+               "under data.root", SyntheticCityscapesDataConfig, selects=_generated, build=build_cityscapes_dataset),
+    DataLayout("seg_folder", "seg_folder", "images + label PNGs per split, by path", SegFolderDataConfig,
+               selects=lambda d: True, build=build_seg_folder_dataset),
+))
 
 
 class SegmentationTask(Task):
@@ -84,10 +96,11 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     arch = "segmenter"
-    data_formats = tuple(DATASET_BUILDERS)
+    data_formats = tuple(dict.fromkeys(layout.format for layout in SEG_LAYOUTS))
 
     def build_dataset(self, cfg: Any, split: str, train: bool) -> CityscapesSegmentation | SegmentationFolder:
-        return DATASET_BUILDERS[cfg.data.format](cfg.data, split, train=train, pixel_mean=cfg.model.pixel_mean)
+        build = data_layout(cfg.data).build
+        return build(cfg.data, split, train=train, pixel_mean=cfg.model.pixel_mean)
 
     def stage_overrides(self, cfg: Any, stage: Stage, multiple: int) -> tuple[dict[str, Any], str]:
         crop = [stage_size(int(side), stage.size_fraction, multiple) for side in cfg.data.crop_size]
@@ -115,7 +128,8 @@ class SegmentationTask(Task):
         )
 
     def headline(self, metrics: dict[str, Any]) -> str:
-        return f"mIoU {metrics['mIoU']:.3f}  pixel accuracy {metrics.get('pixel_acc', float('nan')):.3f}"
+        return (f"mIoU {metrics['mIoU']:.3f}  pixel accuracy {metrics.get('pixel_acc', float('nan')):.3f}"
+                + skipped_note(metrics))
 
     def summary(self, model: nn.Module, size: tuple[int, int]) -> str:
         cfg = model.config

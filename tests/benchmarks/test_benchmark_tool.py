@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from benchmarks.results import save_result
+from densekit.benchmarks.results import save_result
 
 pytest.importorskip("effdet")
 
@@ -97,7 +97,7 @@ def test_refuses_clearly(overrides: list[str], message: str, run_benchmark: Call
 
 
 def test_a_failed_compile_is_reported_and_eager_times_still_come_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    tool = importlib.import_module("benchmarks.benchmark")
+    tool = importlib.import_module("densekit.benchmarks.benchmark")
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no C++ compiler on this machine")
@@ -159,7 +159,7 @@ def test_optimize_times_the_devices_fastest_configuration_unless_told(
 ) -> None:
     """bench.optimize=true (default) fills every null option with the device's verified fastest setting; false
     leaves them off; an option given on the command line wins either way. (Resolution only: no device needed.)"""
-    tool = importlib.import_module("benchmarks.benchmark")
+    tool = importlib.import_module("densekit.benchmarks.benchmark")
     resolved = tool.resolve_options(bench_cfg(*overrides), torch.device(device))
     assert {key: resolved[key] for key in expected} == expected
 
@@ -167,7 +167,7 @@ def test_optimize_times_the_devices_fastest_configuration_unless_told(
 def test_compile_mode_reaches_torch_compile_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench.compile_mode is torch.compile's mode for densekit's compile targets and for the compiled reference
     (torch.compile recorded, not run: compiling takes minutes here)."""
-    tool = importlib.import_module("benchmarks.benchmark")
+    tool = importlib.import_module("densekit.benchmarks.benchmark")
     modes: list[object] = []
 
     def recording(fn: object, **kwargs: object) -> object:
@@ -197,7 +197,7 @@ def test_backends_time_the_same_model_in_each_runtime(tmp_path: Path) -> None:
     recorded, OpenVINO has its bare InferRequest row, and the backend ratios are the rows' medians divided."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
-    tool = importlib.import_module("benchmarks.benchmark")
+    tool = importlib.import_module("densekit.benchmarks.benchmark")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("benchmark", overrides=[*TINY_SEGMENTER, "bench.backends=[torch,onnxruntime,openvino]"])
     result = json.loads(save_result(tool.run(cfg), tmp_path / "bench.json").read_text())
@@ -233,7 +233,7 @@ def test_tensorrt_without_a_gpu_is_skipped_with_the_reason(monkeypatch: pytest.M
     """Asking for tensorrt on a machine without CUDA times the other rows and says in one line why TensorRT is not
     timed, instead of failing (CUDA hidden, so that this holds on a GPU machine too)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    tool = importlib.import_module("benchmarks.benchmark")
+    tool = importlib.import_module("densekit.benchmarks.benchmark")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("benchmark", overrides=[*TINY_SEGMENTER, "bench.warmup=0", "bench.backends=[torch,tensorrt]",
                                               "bench.backend_precision=[fp32,fp16]"])
@@ -250,7 +250,7 @@ def test_a_precision_a_format_does_not_write_is_skipped(monkeypatch: pytest.Monk
     with what the format writes. (The plan only: nothing is exported.)"""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
-    backends = importlib.import_module("benchmarks.backends")
+    backends = importlib.import_module("densekit.benchmarks.backends")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     plan, skipped = backends.backend_plan(
         bench_cfg("bench.backends=[torch,onnxruntime,openvino]", "bench.backend_precision=[fp32,fp16]"),
@@ -263,8 +263,8 @@ def test_each_runtime_is_primed_and_the_primers_are_not_reported() -> None:
     """The calls' order within an iteration: densekit, the references, then each backend's rows; with backends, each
     runtime's rows start after an untimed primer call of its network (a runtime's first call after another runtime's
     pays for the other's spinning threads), whose times are dropped. Without backends the order is as before."""
-    tool = importlib.import_module("benchmarks.benchmark")
-    backends = importlib.import_module("benchmarks.backends")
+    tool = importlib.import_module("densekit.benchmarks.benchmark")
+    backends = importlib.import_module("densekit.benchmarks.backends")
 
     def call() -> None:
         return None

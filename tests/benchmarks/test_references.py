@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("effdet")
 
 import densekit  # noqa: E402
-from benchmarks.references import (  # noqa: E402
+from densekit.benchmarks.references import (  # noqa: E402
     NoReferenceError,
     effdet_counterpart,
     effdet_targets,

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from benchmarks import timing
-from benchmarks.timing import stats, time_interleaved
+from densekit.benchmarks import timing
+from densekit.benchmarks.timing import stats, time_interleaved
 
 
 class FakeMachine:

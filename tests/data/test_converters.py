@@ -3,7 +3,6 @@ pycocotools and CocoDetection, boxes equal the source, and bad data fails with m
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -17,20 +16,11 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from densekit.cli import convert_dataset  # the code of tools/convert_dataset.py
 from densekit.data.coco import CocoDetection
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "convert_dataset.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_dataset", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_dataset = _load_tool()
 
 
 def run_tool(*argv: str | Path) -> str:

@@ -4,7 +4,6 @@ predicts exactly the boxes training uses scores AP 1.0 (issue 23, item 2: it sco
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -15,22 +14,19 @@ import numpy as np
 import pytest
 import torch
 
+from densekit.cli import convert_dataset
 from densekit.data.coco import CocoDetection
 from densekit.data.converters import voc_to_coco, write_coco, yolo_to_coco
 from densekit.evaluation.coco import CocoEvaluator
 
 H, W = 40, 60
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_dataset.py"
 
 
 def run_tool(*argv: str | Path) -> str:
-    """tools/convert_dataset.py's ``main(argv)`` in-process; returns what it printed."""
-    spec = importlib.util.spec_from_file_location("convert_dataset_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """tools/convert_dataset.py's ``main(argv)`` (densekit.cli.convert_dataset) in-process; returns what it printed."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        module.main([str(a) for a in argv])
+        convert_dataset.main([str(a) for a in argv])
     return out.getvalue()
 
 

@@ -1,7 +1,7 @@
 """densekit.deploy.formats: every CPU format exports a tiny detector and segmenter that load and run like the PyTorch
 model (raw outputs, detections, label maps, larger batches than the artifact's); int8 and fp16 artifacts stay close
 and keep the output layers in float; a bad artifact is an ArtifactError naming the file; artifacts work wherever
-weights= does (build_with_weights, Predictor). TensorRT runs where CUDA and tensorrt are (skipped otherwise).
+weights= does (model_spec, Predictor). TensorRT runs where CUDA and tensorrt are (skipped otherwise).
 tools/export.py and tools/eval.py on artifacts: tests/tools/test_export_tool.py.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from skimage import data as photos
 import densekit
 from densekit.deploy.formats import FORMATS, ArtifactError, export_artifact, load_artifact_model
 from densekit.deploy.formats.artifact import compare_outputs
-from densekit.modeling.build import build_with_weights
+from densekit.modeling.model_spec import model_spec
 
 SIZE = 64  # detector input (square)
 TINY = {"neck": {"repeats": 1, "channels": 16}, "head": {"repeats": 1}}
@@ -301,7 +301,7 @@ def test_artifact_of_another_model_is_refused_naming_both(det_artifact) -> None:
     path = det_artifact("onnx")
     other = densekit.load_model_config("eseg_lite_s")
     with pytest.raises(ArtifactError, match=re.escape(f"{path} is an artifact of efficientdet_d0")) as err:
-        build_with_weights(other, path)
+        model_spec(other, path)
     assert "not eseg_lite_s" in str(err.value) and "pass model=efficientdet_d0" in str(err.value)
     with pytest.raises(ValueError, match="is an artifact of efficientdet_d0"):
         densekit.Predictor("efficientdet_lite0", weights=path)

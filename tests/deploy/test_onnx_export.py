@@ -144,13 +144,10 @@ def test_export_tool_end_to_end(tmp_path: Path) -> None:
 
 
 def _export_tool():
-    """tools/export.py as a module (its ``check`` is the parity step the tool runs after writing)."""
-    import importlib.util
+    """The export tool's module, densekit.cli.export (its ``check`` is the parity step the tool runs after writing)."""
+    from densekit.cli import export
 
-    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return export
 
 
 def test_export_check_tolerance_is_relative_to_the_output_scale(tmp_path: Path) -> None:

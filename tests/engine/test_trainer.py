@@ -75,9 +75,15 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
         return out
 
     tiny_model.forward = forward
+    trainer = Trainer(tiny_model, tiny_loader, train_cfg, tmp_path, torch.device("cpu"))
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 .*Last good checkpoint: .*last\.pth"):
-        Trainer(tiny_model, tiny_loader, train_cfg, tmp_path, torch.device("cpu")).train()
+        trainer.train()
     assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "last.pth")["step"] == 2
+    # The stop closed what the hooks opened: the progress bar ended, TensorBoard's file writer flushed and closed.
+    bars = [h.bar for h in trainer.hooks if type(h).__name__ == "ProgressBar"]
+    writers = [h.writer for h in trainer.hooks if type(h).__name__ == "TensorBoardWriter"]
+    assert bars and all(bar.disable for bar in bars)  # tqdm.close() disables the bar
+    assert writers and all(w.file_writer is None for w in writers)  # SummaryWriter.close() drops its file writer
 
 
 def test_ema_tracks_the_average_of_the_weights() -> None:

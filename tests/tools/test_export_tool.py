@@ -127,7 +127,7 @@ def test_eval_scores_the_artifact_as_it_scores_the_checkpoint(runs) -> None:
 def test_tensorrt_export_without_cuda_is_one_error_line(runs) -> None:
     code, out = runs["tensorrt"]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert code == 1 and len(errors) == 1, out[-3000:]
+    assert code == 2 and len(errors) == 1, out[-3000:]
     assert errors[0].startswith("error: export.format=tensorrt is not available here: ")
     assert "tensorrt not installed" in errors[0] or "TensorRT needs a CUDA GPU" in errors[0]
     assert "Traceback" not in out and not runs["engine"].exists()

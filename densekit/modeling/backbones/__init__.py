@@ -1,33 +1,38 @@
 """Backbones: timm models (EfficientNet family and anything with features_only) and torchvision MobileNetV3.
 
-Use :func:`create_backbone`; it picks the implementation from the name and loads local weights in any layout it
-recognises (densekit, bare timm, efficientnet_pytorch, torchvision classification checkpoints).
+Use :func:`create_backbone`; the backbone family that knows the name (:data:`BACKBONE_FAMILIES`, see
+:mod:`.family`) builds it, and it loads local weights in any layout it recognises (densekit, bare timm,
+efficientnet_pytorch, torchvision classification checkpoints).
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
-
 from ...checkpoint.io import read_state_dict
 from ...config import IMAGENET_MEAN, IMAGENET_STD
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
-from .timm_backbone import TimmBackbone, named_weights_normalization, needs_image_size, unknown_backbone_message
-from .torchvision_backbone import TORCHVISION_BACKBONES, MobileNetV3Backbone
+from .family import BACKBONE_FAMILIES, BackboneFamily, BlockFolding, family_of, family_options, list_backbone_names
+
+# Each family registers itself on import; the order here is the listing order: torchvision's two names before timm's.
+from .torchvision_backbone import MobileNetV3Backbone
+from .timm_backbone import TimmBackbone, named_weights_normalization, needs_image_size
 
 __all__ = [
+    "BACKBONE_FAMILIES",
     "Backbone",
+    "BackboneFamily",
+    "BlockFolding",
     "FeatureSpec",
     "MobileNetV3Backbone",
     "TimmBackbone",
     "build_backbone",
     "convert_efficientnet_pytorch",
     "create_backbone",
+    "family_of",
     "is_efficientnet_pytorch_layout",
     "level_name",
     "list_backbones",
@@ -62,8 +67,8 @@ def create_backbone(
         image_size: ``(H, W)`` the backbone will run at. Only the backbones whose attention tables are sized at
             construction need it (CoAtNet / MaxViT, :func:`needs_image_size`; they then accept only that input
             size); all others run at any size and ignore it.
-        **kwargs: For MobileNetV3 ``dilated`` / ``reduced_tail``; for timm passed to ``timm.create_model``
-            (e.g. ``drop_path_rate``).
+        **kwargs: The family's own options: MobileNetV3's ``dilated`` / ``reduced_tail`` / ``stage_start_levels``;
+            for timm anything ``timm.create_model`` takes (e.g. ``drop_path_rate``).
 
     Raises:
         ValueError: unknown name (the message lists close matches), unavailable level, or both weights sources.
@@ -72,47 +77,31 @@ def create_backbone(
     """
     if weights is not None and pretrained:
         raise ValueError("pass either weights=<file> or pretrained=True, not both")
-    backbone: Backbone
-    if name in TORCHVISION_BACKBONES:
-        backbone = MobileNetV3Backbone(name, out_levels=out_levels, pretrained=pretrained, **kwargs)
-    elif timm.is_model(name):
-        levels = (3, 4, 5) if out_levels is None else out_levels
-        backbone = TimmBackbone(name, out_levels=levels, pretrained=pretrained, image_size=image_size, **kwargs)
-    else:
-        raise ValueError(unknown_backbone_message(name, TORCHVISION_BACKBONES))
+    family = family_of(name)
+    backbone = family.build(name, out_levels=out_levels, pretrained=pretrained, image_size=image_size, **kwargs)
     if weights is not None:
         backbone.load_weights(read_state_dict(weights), source=f"weights file {weights}")
     return backbone
 
 
-#: Backbone config keys only torchvision's MobileNetV3 understands (timm models must leave them unset).
-MOBILENET_OPTIONS = ("dilated", "reduced_tail", "stage_start_levels")
-
-
 def build_backbone(cfg: Any, image_size: Sequence[int] | None = None) -> Backbone:
     """The backbone a model config's ``backbone`` node describes (:class:`densekit.config.BackboneConfig`).
 
-    MobileNetV3 options go to torchvision's backbones, ``drop_path_rate`` to timm's; a MobileNetV3 option set on a
-    timm backbone is refused rather than silently dropped. ``image_size`` is the model's ``image_size``, which the
+    Each option goes to the family that reads it (:attr:`BackboneFamily.options`: MobileNetV3's ``dilated``,
+    ``reduced_tail``, ``stage_start_levels``; timm's ``drop_path_rate``); another family's option set on this
+    backbone is refused rather than silently dropped. ``image_size`` is the model's ``image_size``, which the
     backbones that are built for one input size (CoAtNet) need; the others ignore it.
     """
-    common: dict[str, Any] = dict(out_levels=tuple(cfg.out_levels), weights=cfg.weights, pretrained=cfg.pretrained)
-    options = {key: cfg.get(key) for key in MOBILENET_OPTIONS if cfg.get(key)}
-    if cfg.name in TORCHVISION_BACKBONES:
-        if "stage_start_levels" in options:
-            options["stage_start_levels"] = tuple(options["stage_start_levels"])
-        return create_backbone(cfg.name, **options, **common)
-    if options:
-        raise ValueError(
-            f"backbone.{next(iter(options))} is a MobileNetV3 option ({', '.join(TORCHVISION_BACKBONES)}), "
-            f"not for {cfg.name!r}"
-        )
+    options = family_options(family_of(cfg.name), cfg)
     size = tuple(image_size) if image_size is not None else None
-    return create_backbone(cfg.name, drop_path_rate=cfg.drop_path_rate, image_size=size, **common)
+    return create_backbone(
+        cfg.name, out_levels=tuple(cfg.out_levels), weights=cfg.weights, pretrained=cfg.pretrained, image_size=size,
+        **options,
+    )
 
 
 def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[str]:
-    """Names :func:`create_backbone` accepts: torchvision's MobileNetV3s, then timm's models.
+    """Names :func:`create_backbone` accepts, family by family: torchvision's MobileNetV3s, then timm's models.
 
     Args:
         pattern: Shell-style filter (``"*efficientnet*"``).
@@ -120,8 +109,7 @@ def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[str]:
 
     Not every timm model supports features_only; building one that does not raises a ValueError.
     """
-    torchvision_names = [n for n in TORCHVISION_BACKBONES if fnmatch.fnmatch(n, pattern)]
-    return torchvision_names + list(timm.list_models(pattern, pretrained=pretrained))
+    return list_backbone_names(pattern, pretrained)
 
 
 def use_weights_normalization(cfg: Any) -> None:

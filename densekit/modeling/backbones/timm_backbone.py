@@ -9,9 +9,8 @@ the size the model is built for (``image_size``) and refuses any other input siz
 """
 from __future__ import annotations
 
-import difflib
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import timm
@@ -23,6 +22,8 @@ from ..grad_checkpoint import full_recomputation
 from ._download import download_errors_explained, ensure_download_possible, hf_hub_cached, torch_hub_cached
 from .base import Backbone, FeatureSpec, level_name
 from .efficientnet_pytorch import convert_efficientnet_pytorch, is_efficientnet_pytorch_layout
+from .family import BACKBONE_FAMILIES, BackboneFamily, unknown_backbone_message
+from .timm_folding import timm_fold_rules
 
 _RESERVED_KWARGS = ("features_only", "out_indices", "pretrained", "img_size")
 
@@ -74,33 +75,6 @@ def _build_size(name: str, image_size: Sequence[int] | int | None) -> tuple[int,
     if len(size) != 2 or any(v <= 0 or v % 32 for v in size):
         raise ValueError(f"{name!r} needs an image_size of two multiples of 32 (its stride), got {image_size!r}")
     return size  # type: ignore[return-value]
-
-
-def unknown_backbone_message(name: str, extra_names: Iterable[str] = ()) -> str:
-    """Error text for a backbone name neither densekit nor timm knows, with the closest known names."""
-    extra = list(extra_names)
-    arch = name.split(".", 1)[0]  # "resnet50.a1_in1k" -> match on the architecture
-    close = _closest(arch, extra + timm.list_models())
-    hint = f" Closest matches: {', '.join(close)}." if close else ""
-    tv = f" torchvision backbones: {', '.join(extra)}." if extra else ""
-    return (
-        f"unknown backbone {name!r}.{hint}{tv} Any timm model with features_only support works; list them with "
-        f"densekit.list_backbones() or timm.list_models('pattern*')."
-    )
-
-
-def _closest(name: str, candidates: list[str], n: int = 6, cutoff: float = 0.6) -> list[str]:
-    """Like ``difflib.get_close_matches`` but case-insensitive, and ties go alphabetically (b0 before b8)."""
-    matcher = difflib.SequenceMatcher()
-    matcher.set_seq2(name.lower())
-    scored = []
-    for cand in candidates:
-        matcher.set_seq1(cand.lower())
-        # The cheap upper bounds first, as difflib.get_close_matches does: ~1300 timm names stay instant.
-        if matcher.real_quick_ratio() >= cutoff and matcher.quick_ratio() >= cutoff:
-            if (ratio := matcher.ratio()) >= cutoff:
-                scored.append((-ratio, cand))
-    return [cand for _, cand in sorted(scored)[:n]]
 
 
 def _feature_table(name: str, timm_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
@@ -358,3 +332,30 @@ def _pretrained_source(name: str) -> tuple[str, bool]:
         filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
         return f"https://huggingface.co/{cfg.hf_hub_id}", hf_hub_cached(cfg.hf_hub_id, filenames)
     return str(cfg.url), torch_hub_cached(str(cfg.url))
+
+
+def _build_timm(
+    name: str,
+    out_levels: Sequence[int] | None = None,
+    pretrained: bool = False,
+    image_size: Sequence[int] | int | None = None,
+    **timm_kwargs: Any,
+) -> TimmBackbone:
+    """The timm family's builder: :class:`TimmBackbone` at levels (3, 4, 5) unless told otherwise."""
+    levels = (3, 4, 5) if out_levels is None else out_levels
+    return TimmBackbone(name, out_levels=levels, pretrained=pretrained, image_size=image_size, **timm_kwargs)
+
+
+BACKBONE_FAMILIES.register("timm")(
+    BackboneFamily(
+        label="timm",
+        matches=timm.is_model,
+        build=_build_timm,
+        backbone_type=TimmBackbone,
+        list_names=lambda pattern, pretrained: list(timm.list_models(pattern, pretrained=pretrained)),
+        hint="Any timm model with features_only support works; list them with densekit.list_backbones() or "
+        "timm.list_models('pattern*').",
+        options=("drop_path_rate",),
+        fold_rules=timm_fold_rules,
+    )
+)

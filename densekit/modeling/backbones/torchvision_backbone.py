@@ -12,6 +12,7 @@ when dilated -- in both cases the stride-8 feature plus the last one(s), which i
 """
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from ...checkpoint.io import CheckpointError, load_state_dict_checked
 from ..grad_checkpoint import checkpointed
 from ._download import download_errors_explained, ensure_download_possible, torch_hub_cached
 from .base import Backbone, FeatureSpec, level_name
+from .family import BACKBONE_FAMILIES, BackboneFamily, no_block_rules
 
 _BUILDERS: dict[str, tuple[Callable[..., nn.Module], type]] = {
     "mobilenet_v3_large": (tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights),
@@ -158,3 +160,31 @@ class MobileNetV3Backbone(Backbone):
                 f"(no 'features.*' keys; first keys: {', '.join(list(state_dict)[:5])})"
             )
         load_state_dict_checked(self, filtered, source)
+
+
+def _build_mobilenet_v3(
+    name: str,
+    out_levels: Sequence[int] | None = None,
+    pretrained: bool = False,
+    image_size: Sequence[int] | int | None = None,
+    **options: object,
+) -> MobileNetV3Backbone:
+    """The MobileNetV3 family's builder; ``image_size`` is ignored: the network runs at any input size."""
+    return MobileNetV3Backbone(name, out_levels=out_levels, pretrained=pretrained, **options)  # type: ignore[arg-type]
+
+
+BACKBONE_FAMILIES.register("torchvision_mobilenet_v3")(
+    BackboneFamily(
+        label="MobileNetV3",
+        matches=lambda name: name in _BUILDERS,
+        build=_build_mobilenet_v3,
+        backbone_type=MobileNetV3Backbone,
+        list_names=lambda pattern, pretrained: [n for n in TORCHVISION_BACKBONES if fnmatch.fnmatch(n, pattern)],
+        hint=f"torchvision backbones: {', '.join(TORCHVISION_BACKBONES)}.",
+        # drop_path_rate, which every backbone config carries, is not read: MobileNetV3 has no stochastic depth.
+        options=("dilated", "reduced_tail", "stage_start_levels"),
+        # torchvision builds each conv + BN as a Conv2dNormActivation, an nn.Sequential (conv, bn, act): the
+        # structural Sequential rule folds all of them, no block needs rules of its own.
+        fold_rules=no_block_rules,
+    )
+)

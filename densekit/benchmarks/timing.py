@@ -1,4 +1,5 @@
-"""The one way benchmarks/ times code: warm-up, then the timed functions interleaved, each call device-synchronised.
+"""The one way densekit's benchmarks time code: warm-up, then the timed functions interleaved, each call
+device-synchronised.
 
 Also what a timing needs beside it: the hardware's name, the device's matmul peak (the ceiling to put a network's
 achieved GFLOP/s against) and the summary statistics of a list of wall times.

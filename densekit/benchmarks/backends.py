@@ -1,4 +1,4 @@
-"""Deployment backends timed beside the PyTorch rows of benchmarks/benchmark.py: ``bench.backends``.
+"""Deployment backends timed beside the PyTorch rows of ``densekit benchmark``: ``bench.backends``.
 
 Usage::
 
