@@ -20,9 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from densekit.checkpoint.finetune import load_for_finetuning
 from densekit.checkpoint.io import read_state_dict
-from densekit.checkpoint.weights import read_model_weights
 from densekit.checkpoint.zoo import architecture_overrides
 from densekit.cli.command import command_words
 from densekit.cli.errors import reports_user_errors, run_tool
@@ -32,7 +30,7 @@ from densekit.engine.run_dir import RunDirLock, check_resume, write_hydra_record
 from densekit.engine.trainer import FinalEvaluationError, TrainConfig, Trainer
 from densekit.evaluation.rerun import run_eval_command
 from densekit.modeling.backbones.packaged_weights import packaged_weights
-from densekit.modeling.build import build_model
+from densekit.modeling.model_spec import finish_run_config
 from densekit.data.progressive import StagedLoader, plan_stages
 from densekit.tasks import get_task
 from densekit.tasks.base import Task
@@ -111,21 +109,18 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
     train_cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg.train))
     torch.manual_seed(train_cfg.seed)
     task = get_task(cfg)
+    # The model config is finished first, the weights read once: a zoo checkpoint (weights=zoo:<name>) may bring
+    # config keys of its own (padding, normalisation), and the datasets' transforms pad with its pixel_mean.
+    spec = finish_run_config(cfg)
     train_set = task.build_dataset(cfg, cfg.data.train_split, train=True)
     val_set = task.build_dataset(cfg, cfg.data.split, train=False)
     # Every image's header, before any training: an unreadable photo stops the run here, not in its final evaluation.
     task.check_images(cfg, {cfg.data.train_split: train_set, cfg.data.split: val_set})
-    # The dataset decides the classes; their names travel in the checkpoint with the model config. A zoo checkpoint
-    # (weights=zoo:<name>) may need config keys of its own (the PyTorch-trained EfficientDets' backbone and padding).
-    model_cfg = OmegaConf.merge(
-        cfg.model,
-        architecture_overrides(cfg.weights),
-        {"num_classes": task.num_classes(train_set), "class_names": task.class_names(train_set)},
-    )
-    model = build_model(model_cfg)
-    if cfg.weights:  # fine-tuning: another class count re-initialises only the class predictor
-        load_for_finetuning(model, read_model_weights(cfg.weights))
-        init, pretrained = str(cfg.weights), True
+    # The dataset decides the classes (their names travel in the checkpoint with the model config); weights of
+    # another class count fine-tune: only the class predictor starts over.
+    model = spec.with_classes(task.num_classes(train_set), task.class_names(train_set)).build()
+    if cfg.weights:
+        init, pretrained = spec.description, True
     elif not cfg.model.backbone.weights and not cfg.model.backbone.pretrained:
         init, pretrained = init_backbone(model, train_cfg.backbone_weights, cfg.model.backbone.name)
     else:
