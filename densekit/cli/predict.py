@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from densekit.config import register_configs
 from densekit.cli.errors import reports_user_errors, run_tool
-from densekit.data.coco import read_image
+from densekit.data.decode import read_image
 from densekit.data.media import ImageFile, VideoFrames, atomic_video_writer, is_video, is_webcam, list_images, video_suffix
 from densekit.deploy.predictions import Prediction
 from densekit.deploy.predictor import Predictor

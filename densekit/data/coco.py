@@ -66,11 +66,6 @@ def coco_paths(root: str | Path | None = None, split: str = "train") -> tuple[Pa
     return root / image_dir, root / ann_file
 
 
-#: The public name (``densekit.data.read_image``) of :func:`densekit.data.decode.decode_file`: uint8 RGB in the frame
-#: EXIF orientation declares (``exif=False``: the stored frame), FileNotFoundError / OSError naming the file.
-read_image = decode_file
-
-
 def _load_json(ann_file: Path) -> dict[str, Any]:
     if not ann_file.is_file():
         raise FileNotFoundError(f"annotation file {ann_file} does not exist")
@@ -337,7 +332,7 @@ class CocoDetection(Dataset):
         path = self.image_path(index)
         image_id = self.image_ids[index]
         try:
-            image = read_image(path, self.decoder, exif=self.exif)
+            image = decode_file(path, self.decoder, exif=self.exif)
         except OSError as e:  # FileNotFoundError included; re-raised with the dataset context, same type
             raise type(e)(f"{e} (image id {image_id} in {self.ann_file})") from None
         orig_size = (int(image.shape[0]), int(image.shape[1]))

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["DECODERS", "check_decoder", "decode_file"]
+__all__ = ["DECODERS", "check_decoder", "decode_file", "read_image"]
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,8 @@ def decode_file(path: str | Path, decoder: str = "opencv", exif: bool = True) ->
     if image is None:
         raise OSError(f"cannot decode image file {path} ({path.stat().st_size} bytes) with {decoder}: not a readable image")
     return image
+
+
+#: The public name (``densekit.data.read_image``) of :func:`decode_file`: uint8 RGB in the frame EXIF orientation
+#: declares (``exif=False``: the stored frame), FileNotFoundError / OSError naming the file.
+read_image = decode_file

@@ -281,6 +281,7 @@ def optimize_for_inference(
     if precision != "fp32":
         from .quantize import quantize
 
+        _check_quantized_arguments(precision, compile, fold_bn, example_input, strict, compile_mode)
         return quantize(model, calibration, precision, compile=compile, **quantize_options)  # type: ignore[arg-type]
     out = copy.deepcopy(model).eval()
     unwrap_dual_bn(out)  # AdvProp's auxiliary BNs are for training only
@@ -291,6 +292,22 @@ def optimize_for_inference(
     if compile:
         out = _compile(out, example_input, channels_last, strict, compile_mode)
     return out
+
+
+def _check_quantized_arguments(precision: str, compile: bool, fold_bn: bool, example_input: torch.Tensor | None,
+                               strict: bool, compile_mode: str | None) -> None:
+    """bf16 / int8 take their own path (:func:`densekit.deploy.quantize.quantize`): refuse the fp32 path's arguments it
+    would drop, and warn that without ``compile`` it runs the slow reference path."""
+    dropped = [name for name, given in (("example_input", example_input is not None), ("strict", strict),
+                                        ("compile_mode", compile_mode is not None), ("fold_bn=False", not fold_bn))
+               if given]
+    if dropped:
+        raise ValueError(f"optimize_for_inference(precision={precision!r}) does not use {', '.join(dropped)}: the "
+                         f"{precision} path folds BatchNorm itself and compiles on its first call; drop them")
+    if not compile:
+        warnings.warn(f"precision={precision!r} without compile=True runs the quantise / dequantise reference path "
+                      "eagerly (Lite0 int8: 3.9x slower than fp32 compiled, docs/benchmarks.md); pass compile=True "
+                      "for the int8 / bf16 kernels", stacklevel=3)
 
 
 def _on_cpu(model: nn.Module) -> bool:

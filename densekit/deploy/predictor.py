@@ -23,7 +23,7 @@ from torch import nn
 from ..checkpoint.convert import load_state_dict_any
 from ..checkpoint.weights import read_model_weights
 from ..config import image_size_arg
-from ..data.coco import read_image
+from ..data.decode import read_image
 from ..labels import class_names_of
 from ..modeling.model_spec import model_spec
 from .formats import artifact_of, convert_model, is_artifact, load_artifact_model

@@ -9,7 +9,7 @@ inductor with freezing, which rewrites every ``dequantize -> conv -> quantize`` 
 NMS, box decoding, per-image cropping stay float and eager, exactly as in the float model.
 
 Layers kept in float (``keep_float``): by default the output layers (:meth:`DenseModel.output_layers`: EfficientDet's
-class-logit and box-regression convs, the segmenter's classifier). Logits are read through a sigmoid against a
+class-logit and box-regression convs, the segmentation head's classifiers: ESeg's one, LR-ASPP's two). Logits are read through a sigmoid against a
 0.001-0.05 score threshold (detection) or compared against each other pixel by pixel (argmax): one 8-bit step of a
 per-tensor scale spanning -10..+5 logits is ~0.06, which moves low-confidence scores across the threshold and flips
 near-tied classes. Box deltas are scaled by the anchor size, so one 8-bit step is pixels at P7; measured on the

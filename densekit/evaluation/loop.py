@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.checks import SKIPPED, is_skipped
-from ..data.coco import read_image
+from ..data.decode import read_image
 from ..engine import distributed as dist_utils
 from ..utils.visualize import draw_detections, save_image
 from .cityscapes import CityscapesEvaluator, colorize, format_cityscapes_table, write_predictions

@@ -195,3 +195,14 @@ def test_compile_frozen_fuses_the_activation_into_a_prepacked_convolution() -> N
     assert any("_convolution_pointwise" in op for op in ops), sorted(ops)
     assert "aten::relu" not in ops and "aten::mkldnn_convolution" not in ops
     assert max_diff(y, expected) < 1e-5
+
+
+def test_lower_precision_refuses_the_fp32_arguments_it_would_drop_and_warns_without_compile() -> None:
+    model = densekit.create_model("lraspp_mobilenet_v3_small", num_classes=3).eval()
+    images = torch.rand(1, 3, 64, 64)
+    for dropped in ({"example_input": images}, {"strict": True}, {"compile_mode": "max-autotune"}, {"fold_bn": False}):
+        with pytest.raises(ValueError, match=f"precision='bf16'\\) does not use {next(iter(dropped))}"):
+            densekit.optimize_for_inference(model, precision="bf16", **dropped)
+    with pytest.warns(UserWarning, match="without compile=True runs the quantise / dequantise reference path"):
+        fast = densekit.optimize_for_inference(model, precision="bf16")
+    assert fast(images)[0]["sem_seg"].shape == (64, 64)

@@ -15,7 +15,7 @@ import torch
 from skimage import data as photos
 
 import densekit
-from densekit.data.coco import read_image
+from densekit.data.decode import read_image
 from densekit.data.transforms import build_eval_transform
 from densekit.tasks.detection import fill_of
 

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from ...utils.files import atomic_save_json
 from ..media import IMAGE_SUFFIXES  # noqa: F401  (re-exported: the readers list image files with it)
 
-# Formats cv2.imdecode reads, which is how densekit.data.coco.read_image loads them for training.
+# Formats cv2.imdecode reads, which is how densekit.data.decode.read_image loads them for training.
 
 
 class ConversionError(ValueError):
@@ -204,7 +204,7 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 def image_size(path: Path, exif: bool = True) -> tuple[int, int]:
     """``(height, width)`` of an image from its header only (PIL opens lazily; the pixels are not decoded).
 
-    The size is the frame :func:`densekit.data.coco.read_image` loads: the displayed one, after the EXIF orientation
+    The size is the frame :func:`densekit.data.decode.read_image` loads: the displayed one, after the EXIF orientation
     (``exif=False``: the stored one).
 
     Raises:
