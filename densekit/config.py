@@ -186,6 +186,12 @@ class TrainConfig:
     advprop_steps: int = 1  # PGD iterations (paper: epsilon + 1, or 1 for epsilon 1)
     advprop_epsilon: float = 1.0  # L-inf radius on the 0-255 pixel scale (paper: 1-4)
     advprop_step_size: float = 1.0  # per iteration, 0-255 scale (paper: 1)
+    # Experiment loggers (densekit/engine/loggers.py, the `loggers` extra): [] | [mlflow] | [wandb] | [mlflow,wandb]
+    loggers: list[str] = field(default_factory=list)
+    mlflow_uri: Optional[str] = None  # MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else file:<run dir>/mlruns
+    experiment_name: Optional[str] = None  # MLflow experiment / W&B group; None: <model.name>_<data.name>
+    run_name: Optional[str] = None  # None: <experiment name>/<run directory name>
+    wandb_project: str = "densekit"
 
 
 # Data schemas: the keys each dataset layout reads (densekit.tasks.base.DATA_LAYOUTS), with conf/data's defaults. The

@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command] = {
     "benchmark": Command("densekit.benchmarks.benchmark", "latency / FPS of a model, optionally against effdet, "
                                                           "torchvision and deployment runtimes"),
     "convert": Command("densekit.cli.convert_dataset", "convert a Pascal VOC or YOLO dataset to a COCO json"),
+    "inspect": Command("densekit.cli.inspect_dataset", "check a dataset: class counts, box sizes, anchor fit, "
+                                                       "problems, report folder"),
     "summary": Command("densekit.cli.summary", "parameters, MACs, anchors and output levels of a model"),
     "quantize": Command("densekit.cli.quantize", "int8 model from a checkpoint: accuracy and latency against fp32"),
 }

@@ -6,7 +6,9 @@ Segmentation: ``model=eseg_lite_s data=cityscapes weights=...`` prints mIoU and 
 ``eval.precision=int8`` (calibrated on ``eval.calibration_images`` train-split images) or ``bf16`` scores the
 network in that precision (densekit.deploy.quantize; with ``eval.compile=true`` for the int8 / bf16 kernels).
 ``data.split=test-dev`` (no annotations) writes ``detections_test-dev2017_<model>_results.json`` and its zip for the
-COCO evaluation server. ``eval.visualize=N`` saves N images with predictions drawn. Outputs go to the run directory.
+COCO evaluation server. ``eval.visualize=N`` saves N images with predictions drawn; ``eval.plots=true`` (the default)
+writes ``plots/`` (densekit.evaluation.plots: PR curves, F1 against the score threshold, confusion matrix, per-class
+AP, COCO error breakdown; segmentation: confusion matrix, IoU per class, samples). Outputs go to the run directory.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from densekit.deploy.formats import artifact_of
 from densekit.deploy.optimize import optimize_for_inference
 from densekit.deploy.quantize import calibration_set
 from densekit.engine import distributed as dist_utils
+from densekit.evaluation.plots import plots_line
 from densekit.modeling.model_spec import finish_run_config
 from densekit.tasks import get_task
 from densekit.utils.files import atomic_save_json
@@ -58,13 +61,16 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     loader = task.build_loader(dataset, cfg.eval.batch_size, False, cfg.eval.num_workers, world_size > 1)
     log.info("evaluating %s (%s) on %s", cfg.model.name, what, dataset)
-    metrics = task.make_evaluate(cfg, dataset, loader, device, out_dir)(model)
+    evaluate = task.make_evaluate(cfg, dataset, loader, device, out_dir)
+    metrics = getattr(evaluate, "final", evaluate)(model)  # the final form: with the plots of eval.plots
     if dist_utils.is_main_process():
         record = {"model": cfg.model.name, "weights": cfg.weights, "data": cfg.data.name, "split": cfg.data.split, **metrics}
         atomic_save_json(record, out_dir / "metrics.json")
         with atomic_write(out_dir / "config.yaml", "w") as f:
             OmegaConf.save(cfg, f)
         print(f"results in {out_dir}")
+        if (line := plots_line(metrics)) is not None:
+            print(line)
     dist_utils.cleanup_distributed()
     return metrics
 

@@ -28,7 +28,9 @@ from densekit.config import register_configs
 from densekit.engine import distributed as dist_utils
 from densekit.engine.run_dir import RunDirLock, check_resume, write_hydra_record
 from densekit.engine.trainer import FinalEvaluationError, TrainConfig, Trainer
+from densekit.evaluation.plots import plots_line
 from densekit.evaluation.rerun import run_eval_command
+from densekit.modeling.anchor_fit import check_anchor_recall
 from densekit.modeling.backbones.packaged_weights import packaged_weights
 from densekit.modeling.model_spec import finish_run_config
 from densekit.data.progressive import StagedLoader, plan_stages
@@ -116,6 +118,8 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
     val_set = task.build_dataset(cfg, cfg.data.split, train=False)
     # Every image's header, before any training: an unreadable photo stops the run here, not in its final evaluation.
     task.check_images(cfg, {cfg.data.train_split: train_set, cfg.data.split: val_set})
+    if dist_utils.is_main_process():  # detection: warn when anchors miss many training boxes (densekit inspect fits them)
+        check_anchor_recall(cfg, train_set, command_words("inspect"))
     # The dataset decides the classes (their names travel in the checkpoint with the model config); weights of
     # another class count fine-tune: only the class predictor starts over.
     model = spec.with_classes(task.num_classes(train_set), task.class_names(train_set)).build()
@@ -154,6 +158,8 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict:
             f"{task.headline(metrics)}  (EMA weights: {train_cfg.ema_decay > 0})\n"
             f"run directory: {out_dir}  (checkpoints/, metrics.json, tensorboard/, train.log)"
         )
+        if (line := plots_line(metrics)) is not None:  # eval.plots: the final evaluation's, and training.png
+            print(line)
     dist_utils.cleanup_distributed()
     return metrics
 

@@ -12,7 +12,10 @@ this order, and the order matters:
 5. :class:`EvalHook`: every ``eval_every_epochs`` epochs and after training; hands the metrics to every hook's
    ``after_eval``, so it precedes the writers that record them.
 6. :class:`TensorBoardWriter`: train scalars every ``log_every`` steps, eval scalars after each evaluation.
-7. :class:`MetricsJsonWriter`: the evaluation history and the final metrics in ``metrics.json``.
+7. :class:`MetricsJsonWriter`: the evaluation history, the final metrics and the logged losses in ``metrics.json``;
+   ``plots/training.png`` from them in ``after_train`` (``eval.plots``).
+8. The experiment loggers of ``train.loggers`` (:mod:`densekit.engine.loggers`: MLflow, W&B), last: they log the
+   plots the hooks before them write in ``after_train``.
 
 Writers run on the main process only; checkpointing and evaluation are collective (every rank calls them).
 """
@@ -147,9 +150,12 @@ class EvalHook(HookBase):
     def __init__(self, evaluate: EvaluateFn, every_epochs: int) -> None:
         self.evaluate, self.every_epochs = evaluate, every_epochs
 
-    def _run(self, epoch: int) -> None:
+    def _run(self, epoch: int, final: bool = False) -> None:
         t = self.trainer
-        t.metrics = self.evaluate(t.eval_model())
+        # The final evaluation takes the evaluation's ``final`` form when it has one (the plots of eval.plots:
+        # densekit.evaluation.loop.Evaluation); the periodic ones stay cheap.
+        evaluate = getattr(self.evaluate, "final", self.evaluate) if final else self.evaluate
+        t.metrics = evaluate(t.eval_model())
         t.epoch_evaluated = epoch
         t.set_train_mode()
         for hook in t.hooks:
@@ -164,7 +170,7 @@ class EvalHook(HookBase):
             self._run(epoch)
 
     def after_train(self) -> None:
-        self._run(math.ceil(self.trainer.step / self.trainer.steps_per_epoch))
+        self._run(math.ceil(self.trainer.step / self.trainer.steps_per_epoch), final=True)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -200,8 +206,20 @@ class TensorBoardWriter(HookBase):
 
 
 class MetricsJsonWriter(HookBase):
-    """``metrics.json``: one history entry (step, epoch, scalar metrics) per evaluation, and the last metrics as
-    ``final``; rewritten atomically, and a resumed run appends to the history it finds."""
+    """``metrics.json``: one history entry (step, epoch, scalar metrics) per evaluation, the last metrics as
+    ``final``, and ``train``: the loss terms and learning rate of every logged step (written with each evaluation);
+    rewritten atomically, and a resumed run appends to the history it finds. With ``plots`` (``eval.plots``), the
+    curves go to ``plots/training.png`` when training ends (:mod:`densekit.evaluation.plots.training`)."""
+
+    def __init__(self, plots: bool = False) -> None:
+        self.plots = plots
+        self.logged: list[dict[str, float]] = []
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if is_log_step(t):
+            self.logged.append({"step": t.step, "loss": t.loss.item(), **{k: v.item() for k, v in t.losses.items()},
+                                "lr": t.lr})
 
     def after_eval(self, metrics: dict[str, Any]) -> None:
         t = self.trainer
@@ -209,7 +227,16 @@ class MetricsJsonWriter(HookBase):
         history = json.loads(path.read_text()) if path.is_file() else {"history": []}
         history["history"].append({"step": t.step, "epoch": t.epoch_evaluated, **_scalars(metrics)})
         history["final"] = metrics
+        if self.logged:  # a resumed run logs again the steps after its checkpoint: the new entries replace those
+            history["train"] = [e for e in history.get("train", []) if e["step"] < self.logged[0]["step"]] + self.logged
+            self.logged = []
         atomic_save_json(history, path)
+
+    def after_train(self) -> None:
+        if self.plots:
+            from ..evaluation.plots import plot_training_run
+
+            plot_training_run(Path(self.trainer.output_dir))
 
 
 def default_hooks(cfg: TrainConfig, evaluate: EvaluateFn | None, is_main: bool) -> list[HookBase]:
@@ -217,6 +244,9 @@ def default_hooks(cfg: TrainConfig, evaluate: EvaluateFn | None, is_main: bool) 
     hooks: list[HookBase] = [NanGuard(), IterationTimer(), ProgressBar(), PeriodicCheckpointer(cfg.checkpoint_every)]
     if evaluate is not None:
         hooks.append(EvalHook(evaluate, cfg.eval_every_epochs))
+    from .loggers import logger_hooks  # it imports this module; refuses an unknown logger on every rank
+
+    loggers = logger_hooks(cfg)
     if is_main:
-        hooks += [TensorBoardWriter(), MetricsJsonWriter()]
+        hooks += [TensorBoardWriter(), MetricsJsonWriter(plots=bool(getattr(evaluate, "plots", False))), *loggers]
     return hooks

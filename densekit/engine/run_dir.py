@@ -44,6 +44,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.eval_every_epochs",
     "train.compile",
     "train.channels_last",
+    "train.loggers", "train.mlflow_uri", "train.experiment_name", "train.run_name", "train.wandb_project",  # loggers
     "data.decoder",  # every decoder gives the same pixels (docs/benchmarks.md)
     "data.skip_unreadable",  # leave out images that cannot be read: what a run stopped by a read error resumes with
     "eval",

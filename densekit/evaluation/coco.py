@@ -127,6 +127,9 @@ class CocoEvaluator:
             raise ValueError(f"{len(class_names)} class names for {len(self.label_to_cat_id)} labels")
         self.class_names = list(class_names)
         self.score_threshold = score_threshold
+        #: The last evaluation's accumulated pycocotools ``COCOeval`` (main process; None before, or without
+        #: detections): what the plots (densekit.evaluation.plots) read.
+        self.coco_eval: Any = None
         self.reset()
 
     def reset(self) -> None:
@@ -190,6 +193,7 @@ class CocoEvaluator:
         from pycocotools.cocoeval import COCOeval
 
         results = self.results()
+        self.coco_eval = None
         if not results:
             # loadRes cannot take an empty list (it indexes the first result), and no detections score 0 anyway.
             metrics: dict[str, Any] = {name: 0.0 for name in COCO_METRIC_NAMES}
@@ -208,6 +212,7 @@ class CocoEvaluator:
             coco_eval.summarize()
         metrics = {name: float(v) for name, v in zip(COCO_METRIC_NAMES, coco_eval.stats)}
         metrics["per_class_ap"] = self._per_class_ap(coco_eval)
+        self.coco_eval = coco_eval
         return metrics
 
     def _per_class_ap(self, coco_eval: Any) -> dict[str, float]:

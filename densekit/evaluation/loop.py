@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,8 +22,34 @@ from ..engine import distributed as dist_utils
 from ..utils.visualize import draw_detections, save_image
 from .cityscapes import CityscapesEvaluator, colorize, format_cityscapes_table, write_predictions
 from .coco import CocoEvaluator, format_coco_table, write_results_json, write_test_dev_submission
+from .plots import PLOTS_DIR
 
 log = logging.getLogger(__name__)
+
+
+class Evaluation:
+    """A task's evaluation (``Task.make_evaluate``): ``evaluate(model)`` scores without plots (the periodic
+    evaluations of a training run: cheap); ``evaluate.final(model)`` scores and, with ``plots`` (``eval.plots``),
+    writes the plots too (``densekit eval`` and the final evaluation of a training run).
+
+    Args:
+        run: ``run(model, plots) -> metrics``.
+        plots: Whether :meth:`final` writes the plots.
+    """
+
+    def __init__(self, run: Callable[[nn.Module, bool], dict[str, Any]], plots: bool) -> None:
+        self.run, self.plots = run, plots
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        return self.run(model, False)
+
+    def final(self, model: nn.Module) -> dict[str, Any]:
+        return self.run(model, self.plots)
+
+
+def _plots_failed(error: Exception, out_dir: Path) -> None:
+    """The plots are an extra: a failure to draw them is logged, the metrics are kept."""
+    log.warning("could not write the plots in %s: %s: %s", out_dir, type(error).__name__, error)
 
 
 class Evaluator(Protocol):
@@ -106,6 +132,7 @@ def evaluate_detector(
     label_map: list[int],
     score_threshold: float = 0.001,
     visualize: int = 0,
+    plots: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a COCO-format ``dataset`` (collective under torch.distributed).
 
@@ -114,6 +141,9 @@ def evaluate_detector(
     labels to the dataset's category ids. Returns the metrics (empty for test-dev); the main process also prints the
     COCO table. Images the dataset could not read (``data.skip_unreadable``) are left out and not scored: the
     metrics then hold their count and names (``skipped_images``, ``skipped_files``; see :class:`SkippedImages`).
+    With ``plots`` (main process, a split with annotations), the detection plots go to ``<output_dir>/plots/``
+    (:func:`densekit.evaluation.plots.write_detection_plots`) and the metrics get ``plots`` (their folder, the
+    best-F1 score threshold, the COCO error breakdown).
     """
     output_dir = Path(output_dir)
     in_dataset = [c in dataset.coco.cats for c in label_map]  # labels the dataset has a category for
@@ -135,6 +165,8 @@ def evaluate_detector(
         write_results_json(results, output_dir / f"detections_{split}.json")
         if has_annotations:
             print(format_coco_table(metrics))
+            if plots:
+                metrics = _detection_plots(evaluator, metrics, output_dir / PLOTS_DIR)
         else:
             # The evaluation server splits file names on "_": the algorithm name must not contain one.
             json_path, zip_path = write_test_dev_submission(results, output_dir, model_name.replace("_", "-"))
@@ -143,6 +175,24 @@ def evaluate_detector(
             with restrict_labels(model, in_dataset):
                 save_visualizations(model, dataset, visualize, output_dir / "vis", device, class_names)
     return skipped.report(split, len(dataset), metrics)
+
+
+def _detection_plots(evaluator: CocoEvaluator, metrics: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """``metrics`` with ``plots`` after writing them (and printing the error breakdown); unchanged without any
+    detection to plot."""
+    from .plots import write_detection_plots
+    from .plots.error_analysis import format_error_table
+
+    if evaluator.coco_eval is None:
+        log.info("no detections: no plots")
+        return metrics
+    try:
+        summary = write_detection_plots(evaluator.coco_eval, out_dir)
+    except Exception as error:  # noqa: BLE001 - drawing must not lose the metrics
+        _plots_failed(error, out_dir)
+        return metrics
+    print(format_error_table(summary["error_breakdown"]))
+    return {**metrics, "plots": summary}
 
 
 @contextlib.contextmanager
@@ -223,6 +273,7 @@ def evaluate_segmenter(
     flip: bool = False,
     write_pngs: bool = False,
     visualize: int = 0,
+    plots: bool = False,
 ) -> dict[str, Any]:
     """Segmentation evaluation (collective under torch.distributed): mIoU over the dataset's classes and per-class
     IoU (and for Cityscapes its category and instance-level scores).
@@ -231,6 +282,8 @@ def evaluate_segmenter(
     cityscapesscripts' evaluation and the benchmark server); with ``write_pngs`` they are written for any split.
     Images the dataset could not read (``data.skip_unreadable``) are left out of the confusion matrix: the metrics
     then hold their count and names (``skipped_images``, ``skipped_files``; see :class:`SkippedImages`).
+    With ``plots`` (main process, a split with labels), the segmentation plots go to ``<output_dir>/plots/``
+    (:func:`densekit.evaluation.plots.write_segmentation_plots`) and the metrics get ``plots`` (their folder).
     """
     output_dir = Path(output_dir)
     evaluator = CityscapesEvaluator(model.num_classes, model.ignore_index, class_names=dataset.class_names)
@@ -256,11 +309,59 @@ def evaluate_segmenter(
     if dist_utils.is_main_process():
         if metrics:
             print(format_cityscapes_table(metrics))
+            if plots:
+                samples = segmentation_samples(model, dataset, SEG_SAMPLES, device, tuple(scales), flip)
+                metrics = _segmentation_plots(evaluator, metrics, samples, output_dir / PLOTS_DIR)
         if write_pngs or not dataset.has_labels:
             print(f"predicted label PNGs in {pred_dir}")
         if visualize:
             save_segmentation_pictures(model, dataset, visualize, output_dir / "vis", device)
     return skipped.report(split, len(dataset), metrics)
+
+
+#: How many validation images ``samples.png`` shows.
+SEG_SAMPLES = 4
+
+
+@torch.inference_mode()
+def segmentation_samples(
+    model: nn.Module, dataset: Any, count: int, device: torch.device, scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+) -> list[Any]:
+    """The first ``count`` readable, labelled images of ``dataset`` with the model's prediction, as scored
+    (:class:`densekit.evaluation.plots.segmentation.SegSample`)."""
+    from .plots.segmentation import SegSample
+
+    was_training = model.training
+    model.eval()
+    samples = []
+    for index in range(len(dataset)):
+        if len(samples) >= count:
+            break
+        image, target = dataset[index]
+        if is_skipped(target) or target.get("sem_seg") is None:
+            continue
+        h, w = target["size"]
+        pred = predict_segmentation(model, image[None].to(device), scales, flip)[0][:h, :w]
+        rgb = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        samples.append(SegSample(Path(target["file"]).stem, rgb, target["sem_seg"].numpy(), pred.cpu().numpy()))
+    model.train(was_training)
+    return samples
+
+
+def _segmentation_plots(
+    evaluator: CityscapesEvaluator, metrics: dict[str, Any], samples: list[Any], out_dir: Path,
+) -> dict[str, Any]:
+    """``metrics`` with ``plots`` after writing them."""
+    from .plots import write_segmentation_plots
+
+    try:
+        summary = write_segmentation_plots(evaluator.confusion_matrix.numpy(), evaluator.class_names, out_dir, samples,
+                                           evaluator.ignore_index)
+    except Exception as error:  # noqa: BLE001 - drawing must not lose the metrics
+        _plots_failed(error, out_dir)
+        return metrics
+    return {**metrics, "plots": summary}
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ from ..config import CocoFilesDataConfig, CocoRootDataConfig, SyntheticCocoDataC
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..deploy.onnx import detection_export_module
 from ..deploy.predictions import DetectionInference
-from ..evaluation.loop import evaluate_detector
+from ..evaluation.loop import Evaluation, evaluate_detector
 from ..labels import COCO_ID_HEAD, class_names_of
 from ..utils import PAPER, count_macs, count_parameters, format_count
 from .base import TASKS, DataLayout, EvaluateFn, Task, data_layout, register_data_layout, skipped_note
@@ -164,11 +164,12 @@ class DetectionTask(Task):
         label_map_for_model(dataset, model.num_classes)
 
     def make_evaluate(self, cfg: Any, dataset: CocoDetection, loader: DataLoader, device: torch.device, out_dir: Path) -> EvaluateFn:
-        return lambda model: evaluate_detector(
+        # Evaluation: plain calls score only; .final (densekit eval, the end of training) writes eval.plots' plots too.
+        return Evaluation(lambda model, plots: evaluate_detector(
             model, dataset, loader, device, out_dir, cfg.data.split, cfg.model.name,
             label_map_for_model(dataset, model.num_classes),
-            score_threshold=cfg.eval.score_threshold, visualize=cfg.eval.visualize,
-        )
+            score_threshold=cfg.eval.score_threshold, visualize=cfg.eval.visualize, plots=plots,
+        ), plots=bool(cfg.eval.get("plots", False)))
 
     def headline(self, metrics: dict[str, Any]) -> str:
         nan = float("nan")

@@ -18,7 +18,7 @@ from ..data.seg_transforms import build_seg_eval_transform, build_seg_train_tran
 from ..data.synthetic_cityscapes import ensure_synthetic_cityscapes
 from ..deploy.onnx import segmentation_export_module
 from ..deploy.predictions import SegmentationInference
-from ..evaluation.loop import evaluate_segmenter
+from ..evaluation.loop import Evaluation, evaluate_segmenter
 from ..labels import class_names_of
 from ..utils import count_macs, count_parameters, format_count
 from .base import TASKS, DataLayout, EvaluateFn, Task, data_layout, register_data_layout, skipped_note
@@ -121,11 +121,12 @@ class SegmentationTask(Task):
     def make_evaluate(
         self, cfg: Any, dataset: CityscapesSegmentation, loader: DataLoader, device: torch.device, out_dir: Path
     ) -> EvaluateFn:
-        return lambda model: evaluate_segmenter(
+        # Evaluation: plain calls score only; .final (densekit eval, the end of training) writes eval.plots' plots too.
+        return Evaluation(lambda model, plots: evaluate_segmenter(
             model, dataset, loader, device, out_dir, cfg.data.split,
             scales=tuple(cfg.data.get("eval_scales", [1.0])), flip=bool(cfg.data.get("eval_flip", False)),
-            write_pngs=bool(cfg.data.get("write_predictions", False)), visualize=cfg.eval.visualize,
-        )
+            write_pngs=bool(cfg.data.get("write_predictions", False)), visualize=cfg.eval.visualize, plots=plots,
+        ), plots=bool(cfg.eval.get("plots", False)))
 
     def headline(self, metrics: dict[str, Any]) -> str:
         return (f"mIoU {metrics['mIoU']:.3f}  pixel accuracy {metrics.get('pixel_acc', float('nan')):.3f}"

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 TINY = {"neck": {"repeats": 1, "channels": 16}, "head": {"repeats": 1}}
 TINY_MODEL = ["model=efficientdet_d0", "model.neck.repeats=1", "model.neck.channels=16", "model.head.repeats=1"]
-TINY_DATA = ["data.num_train=2", "data.num_val=6", f"data.image_size={SIZE}", "eval.num_workers=0"]
+TINY_DATA = ["data.num_train=2", "data.num_val=6", f"data.image_size={SIZE}", "eval.num_workers=0", "eval.plots=false"]
 NAMES = ["circle", "square", "triangle", "cross", "ring"]  # the synthetic shapes' categories, in id order
 
 

@@ -21,7 +21,8 @@ from densekit.engine.run_dir import RESUMABLE_KEYS, RunDirError, RunDirLock, con
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=efficientdet_d0", "model.neck.repeats=1", "model.neck.channels=16", "model.head.repeats=1",
         "data.num_train=8", "data.num_val=2", "data.image_size=64", "train.max_steps=2", "train.batch_size=2",
-        "train.lr=0.001", "train.num_workers=0", "train.backbone_weights=none", "train.eval_every_epochs=0"]
+        "train.lr=0.001", "train.num_workers=0", "train.backbone_weights=none", "train.eval_every_epochs=0",
+        "eval.plots=false"]
 
 
 def train_cmd(run: Path, *overrides: str) -> list[str]:

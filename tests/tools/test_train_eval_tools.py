@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ["model=efficientdet_d0", "model.neck.repeats=1", "model.neck.channels=16", "model.head.repeats=1"]
-TINY_DATA = ["data.num_train=24", "data.num_val=6", "data.image_size=128"]
+TINY_DATA = ["data.num_train=24", "data.num_val=6", "data.image_size=128", "eval.plots=false"]  # plots: test_eval_plots
 
 
 def tool(name: str, *overrides: str, datasets: Path) -> list[str]:
