@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint.io import atomic_write
+from ..config import flatten_config
 from ..modeling.registry import Registry
 from .hooks import HookBase, _scalars, is_log_step
 
@@ -121,16 +122,6 @@ class ExperimentLogger(HookBase):
 LOGGERS: Registry[type[ExperimentLogger]] = Registry("experiment logger", "train.loggers")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _key(name: str) -> str:
     """A metric / parameter name MLflow accepts: alphanumerics, ``_ - . /`` and spaces (others become ``_``)."""
     return re.sub(r"/+", "/", re.sub(r"[^\w.\- /]", "_", name)).strip("/") or "_"
@@ -201,7 +192,7 @@ class MLflowLogger(ExperimentLogger):
 
         config = self.run_config()
         logged = self.client.get_run(self.run_id).data.params  # a resumed run's: parameters cannot change
-        params = [Param(_key(k), str(v)[: self.PARAM_LENGTH]) for k, v in _flatten(config).items()]
+        params = [Param(_key(k), str(v)[: self.PARAM_LENGTH]) for k, v in flatten_config(config).items()]
         params = [p for p in params if p.key not in logged]
         for i in range(0, len(params), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=params[i : i + 100])

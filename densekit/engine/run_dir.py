@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from ..checkpoint.io import atomic_write
 from ..checkpoint.train_state import find_resume_checkpoint, load_checkpoint
+from ..config import flatten_config
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,10 @@ def _matches(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (old, new)}`` for every leaf that differs (``"<absent>"`` where one side lacks it), without
     :data:`DERIVED_KEYS`."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     keys = list(b) + [key for key in a if key not in b]  # the new config's order
     return {
         key: (a.get(key, _ABSENT), b.get(key, _ABSENT))
