@@ -8,7 +8,9 @@ network in that precision (densekit.deploy.quantize; with ``eval.compile=true`` 
 ``data.split=test-dev`` (no annotations) writes ``detections_test-dev2017_<model>_results.json`` and its zip for the
 COCO evaluation server. ``eval.visualize=N`` saves N images with predictions drawn; ``eval.plots=true`` (the default)
 writes ``plots/`` (densekit.evaluation.plots: PR curves, F1 against the score threshold, confusion matrix, per-class
-AP, COCO error breakdown; segmentation: confusion matrix, IoU per class, samples). Outputs go to the run directory.
+AP, COCO error breakdown; segmentation: confusion matrix, IoU per class, samples). Detection: ``eval.tta=true``
+(flip / rescale test-time augmentation, densekit.inference.tta) and ``eval.slice=[H,W]`` (sliced inference of
+large images, densekit.inference.slicing). Outputs go to the run directory.
 """
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ from densekit.deploy.optimize import optimize_for_inference
 from densekit.deploy.quantize import calibration_set
 from densekit.engine import distributed as dist_utils
 from densekit.evaluation.plots import plots_line
+from densekit.inference.wrappers import check_applicable, describe, settings_of, wrap_detector
 from densekit.modeling.model_spec import finish_run_config
 from densekit.tasks import get_task
+from densekit.tasks.detection import input_size
 from densekit.utils.files import atomic_save_json
 
 log = logging.getLogger("densekit.eval")
@@ -43,9 +47,12 @@ def evaluate(cfg: DictConfig) -> dict:
     # num_classes: the run's, the config's, or 90 for the public COCO checkpoints. The dataset is built from the
     # finished model config (its transform pads with the weights' pixel_mean).
     spec = finish_run_config(cfg, prefer_ema=cfg.eval.ema)
-    dataset = task.build_dataset(cfg, cfg.data.split, train=False)
+    tta, slicing = settings_of(cfg.eval)  # detection only: checked with the model below
+    # Sliced inference tiles each image at its own resolution: the dataset keeps it (one image per batch).
+    dataset = task.build_dataset(cfg, cfg.data.split, train=False, **({"original_size": True} if slicing else {}))
     model, what = spec.build(), spec.description
     task.check_model_fits_data(model, dataset)  # refuse a class-count mismatch before any work
+    check_applicable(task.name, model, tta, slicing, "eval")
     model.to(device)
     precision = str(cfg.eval.precision)
     if artifact_of(model) is not None:  # an exported artifact: its precision and graph were fixed at export
@@ -59,12 +66,17 @@ def evaluate(cfg: DictConfig) -> dict:
             model, channels_last=cfg.eval.channels_last, fold_bn=cfg.eval.fold_bn, compile=cfg.eval.compile,
             precision=precision, calibration=calibration, num_images=int(cfg.eval.calibration_images),
         )
-    loader = task.build_loader(dataset, cfg.eval.batch_size, False, cfg.eval.num_workers, world_size > 1)
+    if (inference := describe(tta, slicing)) is not None:
+        model = wrap_detector(model, tta, slicing, input_size(cfg.data, cfg.model), float(cfg.eval.score_threshold))
+        log.info("%s", inference)
+    batch_size = 1 if slicing else cfg.eval.batch_size  # full-resolution images of different sizes; tiles batch
+    loader = task.build_loader(dataset, batch_size, False, cfg.eval.num_workers, world_size > 1)
     log.info("evaluating %s (%s) on %s", cfg.model.name, what, dataset)
     evaluate = task.make_evaluate(cfg, dataset, loader, device, out_dir)
     metrics = getattr(evaluate, "final", evaluate)(model)  # the final form: with the plots of eval.plots
     if dist_utils.is_main_process():
-        record = {"model": cfg.model.name, "weights": cfg.weights, "data": cfg.data.name, "split": cfg.data.split, **metrics}
+        record = {"model": cfg.model.name, "weights": cfg.weights, "data": cfg.data.name, "split": cfg.data.split,
+                  **({"inference": inference} if inference else {}), **metrics}
         atomic_save_json(record, out_dir / "metrics.json")
         with atomic_write(out_dir / "config.yaml", "w") as f:
             OmegaConf.save(cfg, f)

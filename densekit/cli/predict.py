@@ -32,6 +32,8 @@ from densekit.data.decode import read_image
 from densekit.data.media import ImageFile, VideoFrames, atomic_video_writer, is_video, is_webcam, list_images, video_suffix
 from densekit.deploy.predictions import Prediction
 from densekit.deploy.predictor import Predictor
+from densekit.inference.slicing import SliceSettings
+from densekit.inference.tta import TTASettings
 from densekit.utils.files import atomic_save_json
 from densekit.utils.visualize import save_image
 
@@ -169,7 +171,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     predictor = Predictor(cfg.model, weights=cfg.weights, device=cfg.device, score_threshold=p.score_threshold,
                           image_size=p.image_size, optimize=p.optimize, compile=p.compile, batch_size=p.batch_size,
-                          prefer_ema=p.ema, backend=p.backend)
+                          prefer_ema=p.ema, backend=p.backend, tta=TTASettings.from_config(p) or False,
+                          slicing=SliceSettings.from_config(p))
     load_seconds = time.perf_counter() - start
     report = Report()
     record: dict[str, Any] = {"model": predictor.config.name, "weights": cfg.weights, "input": source_path,

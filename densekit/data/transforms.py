@@ -29,6 +29,13 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 
+def keep_original_size(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> TransformOutput:
+    """The transform that changes nothing: the image as a tensor at its own size (``scale`` 1), for sliced
+    inference, which tiles the full-resolution image itself (:mod:`densekit.inference.slicing`)."""
+    return (image_to_tensor(image), np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            np.asarray(labels, dtype=np.int64).reshape(-1), 1.0, (int(image.shape[0]), int(image.shape[1])))
+
+
 def _bbox_params(min_visibility: float = 0.0) -> A.BboxParams:
     # clip + filter_invalid: callers may pass boxes slightly outside the image; min_width/height drop boxes that
     # a downscale or crop shrinks below a pixel, min_visibility those mostly cropped away.

@@ -28,7 +28,11 @@ from ..labels import class_names_of
 from ..modeling.model_spec import model_spec
 from .formats import artifact_of, convert_model, is_artifact, load_artifact_model
 from .optimize import optimize_for_inference
-from .predictions import Prediction
+from ..data.transforms import keep_original_size
+from ..inference.slicing import SliceSettings
+from ..inference.tta import TTASettings
+from ..inference.wrappers import check_applicable, wrap_detector
+from .predictions import DetectionInference, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,10 @@ class Predictor:
             them once, at construction, and runs them in that runtime with the same pre- and post-processing
             (:func:`densekit.deploy.formats.convert_model`; a few seconds, then OpenVINO's CPU kernels: see
             docs/deployment.md). An exported artifact always runs in its own runtime.
+        tta: Detection: test-time augmentation, ``True`` for a flipped pass beside the plain one, or a
+            :class:`~densekit.inference.tta.TTASettings` (scales, flip, merge).
+        slicing: Detection: sliced inference of large images, a tile size ``[H, W]`` in original pixels (overlap 0.2,
+            plus a full-image pass) or a :class:`~densekit.inference.slicing.SliceSettings`.
         **overrides: Model config overrides for a model given by name, e.g. ``num_classes=3``.
     """
 
@@ -133,6 +141,8 @@ class Predictor:
         batch_size: int = 1,
         prefer_ema: bool = True,
         backend: str = "torch",
+        tta: bool | TTASettings = False,
+        slicing: Sequence[int] | SliceSettings | None = None,
         **overrides: Any,
     ) -> None:
         from ..tasks import task_of_model  # late: the tasks import the evaluation loops, Predictor's users may not
@@ -158,6 +168,24 @@ class Predictor:
         elif optimize or compile:  # a rewritten copy; the original is dropped
             self.model = optimize_for_inference(net, fold_bn=optimize, channels_last=optimize, compile=compile)
         self.batch_size = batch_size
+        self._wrap_for_tta_and_slicing(tta, slicing, score_threshold)
+
+    def _wrap_for_tta_and_slicing(self, tta: bool | TTASettings, slicing: Sequence[int] | SliceSettings | None,
+                                  score_threshold: float) -> None:
+        """Wrap ``self.model`` for test-time augmentation / sliced inference (densekit.inference); slicing also
+        makes preprocessing keep each image's own size, since it tiles the full-resolution image itself."""
+        self.tta = TTASettings() if tta is True else (tta or None)
+        if slicing is not None and not isinstance(slicing, SliceSettings):
+            size = [int(slicing)] * 2 if isinstance(slicing, int) else [int(s) for s in slicing]
+            slicing = SliceSettings(size=(size[0], size[1]), batch_size=self.batch_size)
+        self.slicing = slicing
+        check_applicable(self.task.name, self.model, self.tta, self.slicing, "predict")
+        if self.tta is None and self.slicing is None:
+            return
+        input_side = self.inference.transform.image_size
+        self.model = wrap_detector(self.model, self.tta, self.slicing, input_side, score_threshold)
+        if self.slicing is not None:
+            self.inference = DetectionInference(keep_original_size, self.class_names, score_threshold)
 
     def _convert(self, net: nn.Module, backend: str, image_size: Any, batch_size: int) -> nn.Module:
         """``net`` converted to ``backend`` at the input size this predictor feeds it."""

@@ -14,7 +14,7 @@ from ..data.corruptions import corrupting
 from ..data.progressive import Stage, stage_scale_range, stage_size
 from ..data.synthetic import ensure_synthetic_coco, synthetic_coco_paths
 from ..config import CocoFilesDataConfig, CocoRootDataConfig, SyntheticCocoDataConfig, image_size_arg
-from ..data.transforms import build_eval_transform, build_train_transform
+from ..data.transforms import build_eval_transform, build_train_transform, keep_original_size
 from ..deploy.onnx import detection_export_module
 from ..deploy.predictions import DetectionInference
 from ..evaluation.loop import Evaluation, evaluate_detector
@@ -90,20 +90,23 @@ def coco_split_files(data_cfg: Any, split: str) -> tuple[Path, Path]:
     return data_layout(data_cfg, "coco").build(data_cfg, split)
 
 
-def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, pixel_mean: Any = None) -> CocoDetection:
-    """A COCO-format dataset for ``split`` with the train or eval transform at ``image_size``.
+def build_coco_dataset(data_cfg: Any, split: str, image_size: int, train: bool, pixel_mean: Any = None,
+                       original_size: bool = False) -> CocoDetection:
+    """A COCO-format dataset for ``split`` with the train or eval transform at ``image_size`` (``original_size``:
+    evaluation images at their own size, for sliced inference).
 
     The synthetic dataset is generated under ``data.root`` on first use when ``data.generate`` is set.
     """
     image_dir, ann_file = coco_split_files(data_cfg, split)
     aug = data_cfg.augment
+    eval_transform = keep_original_size if original_size else build_eval_transform(image_size, **fill_of(pixel_mean))
     transform = (
         build_train_transform(
             image_size, scale_range=tuple(aug.scale_range), hflip=aug.hflip, color_jitter=aug.color_jitter, **fill_of(pixel_mean)
         )
         if train
         # Robustness evaluation: data.corruption (gaussian_noise | gaussian_blur) on the original eval images.
-        else corrupting(build_eval_transform(image_size, **fill_of(pixel_mean)), data_cfg)
+        else corrupting(eval_transform, data_cfg)
     )
     return CocoDetection(image_dir, ann_file, transform=transform, train=train, decoder=data_cfg.get("decoder", "opencv"),
                          exif=bool(data_cfg.get("exif_orientation", True)),
@@ -144,9 +147,12 @@ class DetectionTask(Task):
     arch = "efficientdet"
     data_formats = tuple(dict.fromkeys(layout.format for layout in COCO_LAYOUTS))
 
-    def build_dataset(self, cfg: Any, split: str, train: bool) -> CocoDetection:
+    def build_dataset(self, cfg: Any, split: str, train: bool, original_size: bool = False) -> CocoDetection:
+        """See :meth:`Task.build_dataset`; ``original_size``: evaluation images at their own size (sliced inference
+        tiles them itself)."""
         size = input_size(cfg.data, cfg.model)
-        return build_coco_dataset(cfg.data, split, size, train=train, pixel_mean=cfg.model.pixel_mean)
+        return build_coco_dataset(cfg.data, split, size, train=train, pixel_mean=cfg.model.pixel_mean,
+                                  original_size=original_size)
 
     def stage_overrides(self, cfg: Any, stage: Stage, multiple: int) -> tuple[dict[str, Any], str]:
         size = stage_size(input_size(cfg.data, cfg.model), stage.size_fraction, multiple)
