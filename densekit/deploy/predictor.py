@@ -31,7 +31,7 @@ from .optimize import optimize_for_inference
 from ..data.transforms import keep_original_size
 from ..inference.slicing import SliceSettings
 from ..inference.tta import TTASettings
-from ..inference.wrappers import check_applicable, wrap_detector
+from ..inference.wrappers import check_applicable, describe, wrap_detector
 from .predictions import DetectionInference, Prediction
 
 log = logging.getLogger(__name__)
@@ -236,5 +236,6 @@ class Predictor:
             yield tensors, metas
 
     def __repr__(self) -> str:
+        wrapped = describe(self.tta, self.slicing)
         return (f"{type(self).__name__}({self.config.name}, task={self.task.name}, device={self.device}, "
-                f"{len(self.class_names)} classes)")
+                f"{len(self.class_names)} classes{'; ' + wrapped if wrapped else ''})")
