@@ -45,3 +45,27 @@ def tiny_loader():
 @pytest.fixture
 def train_cfg():
     return TrainConfig(batch_size=2, max_steps=6, lr=0.01, warmup_epochs=0.5, checkpoint_every=2, ema_decay=0.9, log_every=1, num_workers=0)
+
+
+class InterruptAfter:
+    """Wraps a loader and raises KeyboardInterrupt after ``n`` batches in total (a Ctrl-C / kill mid-run)."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n, self.count = loader, n, 0
+        self.sampler, self.generator = loader.sampler, loader.generator
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.count == self.n:
+                raise KeyboardInterrupt
+            self.count += 1
+            yield batch
+
+
+@pytest.fixture
+def interrupt_after() -> type[InterruptAfter]:
+    """:class:`InterruptAfter`, for tests that stop a training mid-run."""
+    return InterruptAfter

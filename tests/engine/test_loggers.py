@@ -46,24 +46,6 @@ class PlotWriter(HookBase):
         cv2.imwrite(str(path), np.full((16, 24, 3), 200, np.uint8))
 
 
-class InterruptAfter:
-    """Wraps a loader and raises KeyboardInterrupt after ``n`` batches (a Ctrl-C mid-run)."""
-
-    def __init__(self, loader, n: int) -> None:
-        self.loader, self.n, self.count = loader, n, 0
-        self.sampler, self.generator = loader.sampler, loader.generator
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            if self.count == self.n:
-                raise KeyboardInterrupt
-            self.count += 1
-            yield batch
-
-
 def evaluate(model: torch.nn.Module) -> dict:
     return {"AP": 0.25, "AP50": 0.5, "per_class": {"a": 0.1}}
 
@@ -109,14 +91,15 @@ def test_mlflow_logs_the_config_the_curves_and_the_plots(tmp_path: Path, tiny_mo
     assert "name: tiny_d0" in saved and "lr: 0.01" in saved
 
 
-def test_a_resumed_training_continues_the_same_mlflow_run(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
+def test_a_resumed_training_continues_the_same_mlflow_run(tmp_path: Path, tiny_model, tiny_loader, train_cfg,
+                                                          interrupt_after) -> None:
     import copy
 
     train_cfg.loggers, train_cfg.mlflow_uri = ["mlflow"], f"file:{tmp_path / 'store'}"
     run_dir = tmp_path / "run"
     fresh = copy.deepcopy(tiny_model)
     with pytest.raises(KeyboardInterrupt):  # after step 5; the checkpoint of step 4 remains
-        trainer_with_plots(tiny_model, InterruptAfter(tiny_loader, 5), train_cfg, run_dir).train()
+        trainer_with_plots(tiny_model, interrupt_after(tiny_loader, 5), train_cfg, run_dir).train()
     client = mlflow_client(train_cfg.mlflow_uri)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     assert client.get_run(run_id).info.status == "KILLED"  # closed by close(), not left RUNNING
@@ -164,7 +147,7 @@ def _wandb_records(wandb_dir: Path) -> list:
 
 @pytest.mark.slow  # W&B's service process (wandb-core) once left a pytest-xdist worker hung: make test-all runs it
 def test_wandb_offline_logs_the_config_the_curves_and_the_plots_and_resumes_the_run(
-    tmp_path: Path, tiny_model, tiny_loader, train_cfg
+    tmp_path: Path, tiny_model, tiny_loader, train_cfg, interrupt_after
 ) -> None:
     import copy
 
@@ -174,7 +157,7 @@ def test_wandb_offline_logs_the_config_the_curves_and_the_plots_and_resumes_the_
     run_dir = tmp_path / "run"
     fresh = copy.deepcopy(tiny_model)
     with pytest.raises(KeyboardInterrupt):  # after step 5; the checkpoint of step 4 remains
-        trainer_with_plots(tiny_model, InterruptAfter(tiny_loader, 5), train_cfg, run_dir).train()
+        trainer_with_plots(tiny_model, interrupt_after(tiny_loader, 5), train_cfg, run_dir).train()
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     trainer = trainer_with_plots(fresh, tiny_loader, train_cfg, run_dir)
     trainer.train()

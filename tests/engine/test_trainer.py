@@ -12,30 +12,13 @@ from densekit.engine.ema import ModelEMA
 from densekit.engine.trainer import Trainer, TrainingDiverged
 
 
-class InterruptAfter:
-    """Wraps a loader and raises KeyboardInterrupt after ``n`` batches in total (a Ctrl-C / kill mid-run)."""
-
-    def __init__(self, loader, n: int) -> None:
-        self.loader, self.n, self.count = loader, n, 0
-        self.sampler, self.generator = loader.sampler, loader.generator
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            if self.count == self.n:
-                raise KeyboardInterrupt
-            self.count += 1
-            yield batch
-
-
-def test_interrupted_run_resumes_from_last_checkpoint_and_finishes(tmp_path: Path, tiny_model, tiny_loader, train_cfg) -> None:
+def test_interrupted_run_resumes_from_last_checkpoint_and_finishes(tmp_path: Path, tiny_model, tiny_loader, train_cfg,
+                                                                   interrupt_after) -> None:
     import copy
 
     fresh = copy.deepcopy(tiny_model)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_model, InterruptAfter(tiny_loader, 5), train_cfg, tmp_path, torch.device("cpu")).train()
+        Trainer(tiny_model, interrupt_after(tiny_loader, 5), train_cfg, tmp_path, torch.device("cpu")).train()
     saved = ckpt.load_checkpoint(tmp_path / "checkpoints" / "last.pth")
     assert saved["step"] == 4  # checkpoints every 2 steps; step 5 was lost with the interruption
 
