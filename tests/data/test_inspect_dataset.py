@@ -1,4 +1,4 @@
-"""densekit inspect (densekit/cli/inspect_dataset.py, densekit/data/inspection.py): a tiny COCO-format dataset with one
+"""densekit inspect (densekit/cli/inspect_dataset.py, densekit/data/inspection/): a tiny COCO-format dataset with one
 planted problem of each kind lists each of them, in-process and through tools/inspect_dataset.py (strict: exit code
 2); a segmentation folder with a label value outside its classes."""
 from __future__ import annotations
