@@ -8,6 +8,10 @@ original-image pixels, score, label and class name, or for segmentation the per-
 label PNG), ``pictures/`` (boxes with class names and scores, or colour overlays), ``labels/`` (segmentation: the
 class index of every pixel, at the original size) and, for a video, ``<name>_pred.mp4``. A file in a folder that
 does not decode is skipped, logged and listed in the summary; a single unreadable input is an error.
+
+``predict.track=bytetrack`` (or ``sort``) on a video or webcam follows the detected objects across frames
+(densekit.inference.tracking): each detection gets a ``track_id`` (``null`` while its track is unconfirmed), the
+video shows "#id" captions and trails, and predictions.json and the summary count the tracks per class.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from densekit.data.media import ImageFile, VideoFrames, atomic_video_writer, is_
 from densekit.deploy.predictions import Prediction
 from densekit.deploy.predictor import Predictor
 from densekit.inference.slicing import SliceSettings
+from densekit.inference.tracking import TrackSettings, TrackingError, VideoTracker, check_trackable, tracker_class
 from densekit.inference.tta import TTASettings
 from densekit.utils.files import atomic_save_json
 from densekit.utils.visualize import save_image
@@ -62,6 +67,8 @@ class Report:
     skipped: list[dict[str, str]] = field(default_factory=list)
     tally: Counter = field(default_factory=Counter)
     unit: str = "detections"
+    #: Video tracking (``predict.track``): the tracker's settings, the track count and tracks per class.
+    tracks: dict[str, Any] | None = None
 
     def add(self, result: Prediction, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
@@ -103,7 +110,12 @@ def predict_images(predictor: Predictor, items: list[ImageFile], single: bool, o
 
 def predict_video(predictor: Predictor, frames: VideoFrames, stem: str, out_dir: Path, p: DictConfig, report: Report) -> dict[str, Any]:
     """Every frame of a video file or camera (up to ``max_frames``; Ctrl-C ends a camera run cleanly), drawn into an
-    annotated video ``<stem>_pred.mp4`` with the source's frame rate and size."""
+    annotated video ``<stem>_pred.mp4`` with the source's frame rate and size.
+
+    With ``predict.track`` the frames' detections, in order, go through a tracker (densekit.inference.tracking):
+    track ids in the JSON entries, ids and trails in the video, and ``report.tracks``."""
+    settings = TrackSettings.from_config(p)
+    tracker = VideoTracker(settings, frames.fps) if settings is not None else None
     video_path = out_dir / f"{stem}_pred{video_suffix(p.video_codec)}"
     writer = atomic_video_writer(video_path, frames.fps, frames.size, p.video_codec) if p.save_video else contextlib.nullcontext()
     try:
@@ -113,14 +125,18 @@ def predict_video(predictor: Predictor, frames: VideoFrames, stem: str, out_dir:
                     first = len(report.entries)
                     names = [f"{frames.name} frame {first + i}" for i in range(len(chunk))]
                     for i, (frame, result) in enumerate(zip(chunk, predictor.predict(chunk, names=names))):
+                        if tracker is not None:
+                            result = tracker.update(result)
                         report.add(result, {"frame": first + i, "height": result.height, "width": result.width, **result.to_json()})
                         if video is not None:
-                            video.write(result.draw(frame))
+                            video.write(tracker.draw(result, frame) if tracker is not None else result.draw(frame))
                     bar.update(len(chunk))
             except KeyboardInterrupt:
                 log.warning("stopped by Ctrl-C after %d frames", len(report.entries))
     finally:
         frames.close()
+        if tracker is not None:  # what was tracked, also when Ctrl-C ended the run
+            report.tracks = tracker.summary(predictor.class_names)
     return {"source": frames.name, "fps": frames.fps, "width": frames.size[0], "height": frames.size[1],
             "frames": len(report.entries), "declared_frames": frames.declared_frames, "truncated": frames.truncated,
             "output": video_path.name if p.save_video else None}
@@ -137,6 +153,11 @@ def summary(predictor: Predictor, report: Report, kind: str, seconds: float, loa
         f"  {report.unit:<12}{total:,.0f}: {top}",
         f"  {'time':<12}{seconds:.1f} s, {n / max(seconds, 1e-9):.2f} {kind}/s (model loaded in {load_seconds:.1f} s)",
     ]
+    if report.tracks is not None:
+        per_class = ", ".join(f"{name} {count}" for name, count in list(report.tracks["per_class"].items())[:8]) or "none"
+        if len(report.tracks["per_class"]) > 8:
+            per_class += f", ... ({len(report.tracks['per_class'])} classes)"
+        lines.insert(3, f"  {'tracks':<12}{report.tracks['total']}: {per_class}")
     lines += [f"  skipped     {s['file']}: {s['error']}" for s in report.skipped[:10]]
     if len(report.skipped) > 10:
         lines.append(f"  ... and {len(report.skipped) - 10} more (predictions.json lists them all)")
@@ -157,6 +178,19 @@ def input_of(cfg: DictConfig) -> Any:
                      "or a data config naming the images (e.g. data=custom data.val_images=/data/images)")
 
 
+def track_settings(p: DictConfig, source_path: Any, video: bool) -> TrackSettings | None:
+    """``predict.track``'s settings, checked before the model is built (an image input, a bad value or a missing
+    package costs no model loading); ``None`` when not tracking."""
+    track = TrackSettings.from_config(p)
+    if track is None:
+        return None
+    if not video:  # an error, not a warning: the user asked for tracks and would get a run without any
+        raise TrackingError(f"predict.track={track.name} follows objects across the frames of a video: input= must be "
+                            f"a video file or a webcam index, got {source_path}; leave predict.track null for images")
+    tracker_class(track.name)
+    return track
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict on the input (:func:`input_of`) and write the run directory's files; returns what
     ``predictions.json`` holds."""
@@ -166,6 +200,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     video = is_webcam(source_path) or is_video(source_path)
     # The input is checked before the model is built: a typo costs no model loading.
     source = VideoFrames(source_path, p.max_frames) if video else list_images(str(source_path))
+    track = track_settings(p, source_path, video)
     if not cfg.weights and not p.allow_random_weights:
         raise ValueError("tools/predict.py needs weights=<checkpoint> (or predict.allow_random_weights=true)")
     start = time.perf_counter()
@@ -173,6 +208,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                           image_size=p.image_size, optimize=p.optimize, compile=p.compile, batch_size=p.batch_size,
                           prefer_ema=p.ema, backend=p.backend, tta=TTASettings.from_config(p) or False,
                           slicing=SliceSettings.from_config(p))
+    if track is not None:
+        check_trackable(predictor.task.name, track.name)
     load_seconds = time.perf_counter() - start
     report = Report()
     record: dict[str, Any] = {"model": predictor.config.name, "weights": cfg.weights, "input": source_path,
@@ -188,6 +225,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         predict_images(predictor, source, Path(str(source_path)).is_file(), out_dir, p, report)
     seconds = time.perf_counter() - start
     record.update({kind: report.entries, "skipped": report.skipped, "seconds": seconds})
+    if report.tracks is not None:
+        record["tracks"] = report.tracks
     atomic_save_json(record, out_dir / "predictions.json")
     print(summary(predictor, report, kind, seconds, load_seconds, out_dir))
     return record

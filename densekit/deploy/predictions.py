@@ -57,6 +57,8 @@ class Detections:
         class_names: The name of every label the model predicts (``class_names[labels[i]]`` names box ``i``).
         height: Original image height.
         width: Original image width.
+        track_ids: ``int64 [N]`` video tracking (:mod:`densekit.inference.tracking`): each box's track id, -1 for a
+            box in no confirmed track (yet); ``None`` when not tracking.
     """
 
     boxes: np.ndarray
@@ -65,6 +67,7 @@ class Detections:
     class_names: list[str]
     height: int
     width: int
+    track_ids: np.ndarray | None = None
     tally_unit: ClassVar[str] = "detections"
 
     def __len__(self) -> int:
@@ -76,16 +79,22 @@ class Detections:
         return [self.class_names[int(label)] for label in self.labels]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "detections": [
-                {"bbox": [float(v) for v in box], "score": float(score), "label": int(label), "class_name": name}
-                for box, score, label, name in zip(self.boxes, self.scores, self.labels, self.names)
-            ]
-        }
+        """``{"detections": [{"bbox", "score", "label", "class_name"}, ...]}``; when tracking each also has
+        ``"track_id"``, ``null`` for a box in no confirmed track."""
+        detections = [
+            {"bbox": [float(v) for v in box], "score": float(score), "label": int(label), "class_name": name}
+            for box, score, label, name in zip(self.boxes, self.scores, self.labels, self.names)
+        ]
+        if self.track_ids is not None:
+            for detection, track_id in zip(detections, self.track_ids):
+                detection["track_id"] = int(track_id) if track_id >= 0 else None
+        return {"detections": detections}
 
     def draw(self, image_rgb: np.ndarray) -> np.ndarray:
-        """A BGR copy of ``image_rgb`` (the original photo) with every box and its "name score" caption."""
-        return draw_detections(image_rgb, self.boxes, self.scores, self.labels, self.class_names, score_threshold=-1.0)
+        """A BGR copy of ``image_rgb`` (the original photo) with every box and its "name score" caption ("#7 name
+        score" for a tracked box)."""
+        return draw_detections(image_rgb, self.boxes, self.scores, self.labels, self.class_names, score_threshold=-1.0,
+                               track_ids=self.track_ids)
 
     def tally(self) -> dict[str, float]:
         """Detections per class name."""

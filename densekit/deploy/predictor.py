@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from ..data.transforms import keep_original_size
 from ..inference.slicing import SliceSettings
 from ..inference.tta import TTASettings
 from ..inference.wrappers import check_applicable, describe, wrap_detector
-from .predictions import DetectionInference, Prediction
+from .predictions import DetectionInference, Detections, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -239,3 +239,26 @@ class Predictor:
         wrapped = describe(self.tta, self.slicing)
         return (f"{type(self).__name__}({self.config.name}, task={self.task.name}, device={self.device}, "
                 f"{len(self.class_names)} classes{'; ' + wrapped if wrapped else ''})")
+
+    def track(self, frames: Iterable[ImageInput], tracker: str = "bytetrack", fps: float = 30.0,
+              **settings: Any) -> Iterator[Detections]:
+        """The detections of consecutive video ``frames`` with ``track_ids`` (:mod:`densekit.inference.tracking`),
+        one frame at a time, ``batch_size`` frames per forward pass::
+
+            video = densekit.data.media.VideoFrames("street.mp4")
+            for det in predictor.track(video, fps=video.fps, buffer_s=2.0):
+                print(det.track_ids, det.names)   # -1: no confirmed track (yet)
+
+        Args:
+            frames: The frames in order, each as :meth:`predict` takes images; read at most one batch ahead.
+            tracker: ``"bytetrack"`` or ``"sort"`` (the ``trackers`` package: ``pip install "densekit[track]"``).
+            fps: The video's frame rate, which turns the settings in seconds into frames.
+            **settings: :class:`~densekit.inference.tracking.TrackSettings` fields: ``buffer_s``, ``activation``,
+                ``high_score``, ``iou``, ``min_frames``.
+
+        Raises:
+            TrackingError: a segmentation model, a bad setting, or the trackers package missing (at the call).
+        """
+        from ..inference.tracking import TrackSettings, track_frames  # late: tracking imports this package
+
+        return track_frames(self, frames, TrackSettings(name=tracker, **settings), fps)

@@ -1,8 +1,8 @@
-"""Drawing predictions on images (cv2): detection boxes with captions and segmentation colour overlays, for
-`eval.visualize=N` and tools/predict.py."""
+"""Drawing predictions on images (cv2): detection boxes with captions, tracks' trails and segmentation colour
+overlays, for `eval.visualize=N` and tools/predict.py."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -26,21 +26,41 @@ def draw_detections(
     labels: np.ndarray,
     class_names: Sequence[str],
     score_threshold: float = 0.3,
+    track_ids: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Return a BGR copy of ``image_rgb`` with boxes (xyxy, image pixels) and "name score" captions."""
+    """Return a BGR copy of ``image_rgb`` with boxes (xyxy, image pixels) and "name score" captions, "#7 name score"
+    for a box with a track id (``track_ids``: one per box, -1 for none)."""
     canvas = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
-    for box, score, label in zip(boxes, scores, labels):
+    ids = np.full(len(labels), -1) if track_ids is None else track_ids
+    for box, score, label, track_id in zip(boxes, scores, labels, ids):
         if score < score_threshold:
             continue
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         color = _color(int(label))
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 2)
         name = class_names[int(label)] if int(label) < len(class_names) else str(int(label))
-        caption = f"{name} {score:.2f}"
+        caption = f"#{int(track_id)} {name} {score:.2f}" if track_id >= 0 else f"{name} {score:.2f}"
         (tw, th), _ = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
         cv2.rectangle(canvas, (x1, max(0, y1 - th - 4)), (x1 + tw + 2, max(th + 4, y1)), color, -1)
         cv2.putText(canvas, caption, (x1 + 1, max(th + 1, y1 - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     return canvas
+
+
+def draw_trails(canvas_bgr: np.ndarray, trails: Mapping[int, np.ndarray], thickness: int = 2) -> np.ndarray:
+    """Draw each track's recent box centres (``{track id: float [K, 2] xy image pixels, oldest first}``) onto
+    ``canvas_bgr`` as a polyline in the track's colour, ending in a dot at its current centre; returns the canvas.
+
+    Colours follow the track id (not the class, as the boxes do), so that two objects of one class are told apart.
+    """
+    for track_id, centres in trails.items():
+        if len(centres) == 0:
+            continue
+        points = np.round(np.asarray(centres, dtype=np.float64)).astype(np.int32).reshape(-1, 1, 2)
+        color = _color(int(track_id))
+        if len(points) > 1:
+            cv2.polylines(canvas_bgr, [points], isClosed=False, color=color, thickness=thickness, lineType=cv2.LINE_AA)
+        cv2.circle(canvas_bgr, tuple(int(v) for v in points[-1, 0]), thickness + 1, color, -1, cv2.LINE_AA)
+    return canvas_bgr
 
 
 def overlay_segmentation(
