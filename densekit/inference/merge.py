@@ -17,13 +17,14 @@ from .base import Detections
 
 def concat_detections(parts: Sequence[Detections]) -> Detections:
     """One image's detections from several passes, concatenated (boxes float32, labels int64), with ``source``:
-    the index of the pass each came from."""
+    the index of the pass each came from, and ``cut`` (boxes a tile border cut) when every part has it."""
     return {
         "boxes": torch.cat([p["boxes"].float().reshape(-1, 4) for p in parts]),
         "scores": torch.cat([p["scores"].float().reshape(-1) for p in parts]),
         "labels": torch.cat([p["labels"].long().reshape(-1) for p in parts]),
         "source": torch.cat([torch.full((len(p["scores"]),), i, dtype=torch.long, device=p["scores"].device)
                              for i, p in enumerate(parts)]),
+        **({"cut": torch.cat([p["cut"] for p in parts])} if all("cut" in p for p in parts) else {}),
     }
 
 
@@ -125,47 +126,67 @@ MATCH_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
-def greedy_merge(det: Detections, threshold: float, max_detections: int, metric: str = "ios") -> Detections:
-    """Greedy non-maximum merging (as SAHI merges tiles): in decreasing score order, each box not yet taken grows
-    into the union of the lower-scoring same-class boxes that overlap it (as it grows) by more than ``threshold``
-    (intersection over the smaller box, ``"ios"``, or ``"iou"``), and keeps its score. With a ``source`` per box
-    (:func:`concat_detections`), a merged box takes at most one box of each pass: the model's own NMS has already
-    decided between the boxes of one pass (a small object in front of a large one stays two boxes).
+def greedy_merge(det: Detections, threshold: float, max_detections: int, metric: str = "ios",
+                 nms_iou: float = 0.5) -> Detections:
+    """Greedy merging of the boxes of several passes (tiles), in decreasing score order: each box not yet taken
+    takes the lower-scoring same-class boxes of *other* passes that belong to the same object.
 
-    An object cut by a tile seam comes out as one box: the tile that saw it whole gives its box and the neighbours'
-    cut parts lie inside it (intersection over the smaller = 1); parts that no tile saw whole join into their union
-    (and the full-image pass's box, when there is one).
+    Two boxes are the same object when one of them was cut by its tile's border (``det["cut"]``; every box when
+    the key is absent) and they overlap by more than ``threshold`` (intersection over the smaller box, ``"ios"``,
+    or ``"iou"``): the merged box grows into their union, so the part of an object a seam cut joins the box of the
+    tile that saw it whole, or the other part. Two uncut boxes are the same object when their IoU exceeds ``nms_iou``
+    (NMS: the better one stays as it is). A box scoring under half the merged box's score is taken without growing
+    it, and the merged box keeps its best member's score.
+
+    The cut rule is what keeps a coarse full-image box, or a low-scoring large box, from swallowing the accurate
+    tile boxes inside it (a box inside another always overlaps it by 1 of the smaller).
     """
     if metric not in MATCH_METRICS:
         raise ValueError(f"unknown match metric {metric!r}; choose one of {sorted(MATCH_METRICS)}")
     order = torch.argsort(det["scores"], descending=True, stable=True)
     boxes = det["boxes"][order].detach().cpu().double().numpy()
+    scores = det["scores"][order].detach().cpu().numpy()
     labels = det["labels"][order].detach().cpu().numpy()
     source = det["source"][order].cpu().numpy() if "source" in det else np.arange(len(labels))
-    overlap = MATCH_METRICS[metric]
+    cut = det["cut"][order].cpu().numpy() if "cut" in det else np.ones(len(labels), dtype=bool)
     taken = np.zeros(len(labels), dtype=bool)
     kept, merged = [], []
     for i in range(len(labels)):
         if taken[i]:
             continue
         taken[i] = True
-        box, sources = boxes[i].copy(), {source[i]}
+        box, sources, any_cut = boxes[i].copy(), {source[i]}, bool(cut[i])
         grew = True
         while grew:  # the union may now reach boxes it did not overlap before
-            candidates = np.flatnonzero(~taken & (labels == labels[i]))
-            hits = candidates[overlap(box[None], boxes[candidates])[0] > threshold] if len(candidates) else candidates
             grew = False
-            for j in hits:  # best score first; one box per pass
-                if source[j] not in sources:
-                    taken[j], grew = True, True
-                    sources.add(source[j])
+            for j in _same_object(box, any_cut, boxes, cut, labels == labels[i], taken, threshold, metric, nms_iou):
+                if source[j] in sources:  # one box per pass: the model's NMS already chose among them
+                    continue
+                taken[j] = True
+                sources.add(source[j])
+                if scores[j] >= 0.5 * scores[i]:
                     box = np.concatenate([np.minimum(box[:2], boxes[j, :2]), np.maximum(box[2:], boxes[j, 2:])])
+                    any_cut, grew = any_cut or bool(cut[j]), True
         kept.append(i)
         merged.append(box)
     keep = order.new_tensor(kept[:max_detections])
     device = det["boxes"].device
     out_boxes = torch.as_tensor(np.asarray(merged, dtype=np.float32).reshape(-1, 4)[:max_detections], device=device)
     return {"boxes": out_boxes, "scores": det["scores"][order][keep], "labels": det["labels"][order][keep]}
+
+
+def _same_object(box: np.ndarray, box_cut: bool, boxes: np.ndarray, cut: np.ndarray, same_class: np.ndarray,
+                 taken: np.ndarray, threshold: float, metric: str, nms_iou: float) -> np.ndarray:
+    """Indices (best score first) of the untaken ``same_class`` boxes that :func:`greedy_merge` joins to ``box``: by
+    ``metric`` above ``threshold`` where ``box`` or the other was cut by a tile border, by IoU above ``nms_iou``
+    otherwise."""
+    candidates = np.flatnonzero(~taken & same_class)
+    if len(candidates) == 0:
+        return candidates
+    with_cut = cut[candidates] | box_cut
+    overlap = MATCH_METRICS[metric](box[None], boxes[candidates])[0]
+    iou = intersection_over_union(box[None], boxes[candidates])[0]
+    return candidates[np.where(with_cut, overlap > threshold, iou > nms_iou)]
 
 
 #: Merge names as configs spell them (``eval.tta_merge``, ``predict.slice_merge``...).

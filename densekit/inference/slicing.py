@@ -5,9 +5,10 @@ small objects that one downscaled pass shrinks below what the detector resolves 
 densekit does its own tiling rather than SAHI's (the approach is SAHI's: Akyon et al., 2022): SAHI crops and runs
 one tile at a time through a framework adapter, in numpy; here the tiles of an image are one tensor batch through the
 model and its own post-processing, boxes go back to the image with two tensor ops, and the merge is
-:func:`densekit.inference.merge.greedy_merge` (SAHI's default: greedy non-maximum merging by intersection over the
-smaller box, which joins the parts of an object a seam cut). An optional full-image pass catches the objects larger
-than a tile.
+:func:`densekit.inference.merge.greedy_merge`: greedy merging by intersection over the smaller box, as SAHI merges,
+but only for boxes a tile border cut (:func:`cut_by_tile`), which joins the parts of an object a seam cut; uncut
+boxes merge as NMS would, so a coarse box cannot swallow accurate ones. An optional full-image pass catches the
+objects larger than a tile.
 """
 from __future__ import annotations
 
@@ -92,6 +93,21 @@ def tile_windows(height: int, width: int, settings: SliceSettings) -> list[tuple
             for x in tile_starts(width, tw, settings.overlap)]
 
 
+#: A box within this many pixels of an inner tile border was cut by it.
+CUT_MARGIN = 2.0
+
+
+def cut_by_tile(boxes: torch.Tensor, window: tuple[int, int, int, int], height: int, width: int) -> torch.Tensor:
+    """Which ``boxes`` (image pixels) reach a border of their tile ``window`` (y0, x0, y1, x1) that lies inside the
+    image: the tile saw only part of those objects."""
+    y0, x0, y1, x1 = window
+    inner = boxes.new_tensor([x0 > 0, y0 > 0, x1 < width, y1 < height], dtype=torch.bool)
+    edges = boxes.new_tensor([x0, y0, x1, y1], dtype=torch.float32)
+    near = torch.stack([boxes[:, 0] <= edges[0] + CUT_MARGIN, boxes[:, 1] <= edges[1] + CUT_MARGIN,
+                        boxes[:, 2] >= edges[2] - CUT_MARGIN, boxes[:, 3] >= edges[3] - CUT_MARGIN], dim=1)
+    return (near & inner).any(dim=1)
+
+
 def _resize_long_side(images: torch.Tensor, input_size: int) -> tuple[torch.Tensor, float]:
     """``images`` with their long side resized to ``input_size`` (as the evaluation transform does), and the factor."""
     h, w = images.shape[-2:]
@@ -135,13 +151,15 @@ class SlicedDetector(DetectorWrapper):
             chunk = windows[first:first + self.settings.batch_size]
             tiles = torch.stack([image[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
             resized, scale = _resize_long_side(tiles, self.input_size)
-            for det, (y0, x0, _, _) in zip(self.model(resized), chunk):
-                offset = torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=image.device)
-                parts.append({**det, "boxes": det["boxes"].float() / scale + offset})
+            for det, window in zip(self.model(resized), chunk):
+                offset = torch.tensor([window[1], window[0]] * 2, dtype=torch.float32, device=image.device)
+                boxes = det["boxes"].float() / scale + offset
+                parts.append({**det, "boxes": boxes, "cut": cut_by_tile(boxes, window, height, width)})
         if self.settings.full_image and len(windows) > 1:
             resized, scale = _resize_long_side(image[None], self.input_size)
             det = self.model(resized)[0]
-            parts.append({**det, "boxes": det["boxes"].float() / scale})
+            parts.append({**det, "boxes": det["boxes"].float() / scale,
+                          "cut": torch.zeros(len(det["scores"]), dtype=torch.bool, device=image.device)})
         union = concat_detections(parts)
         union = {k: v[union["scores"] >= self.score_threshold] for k, v in union.items()}
         if len(parts) == 1:  # the image is one tile: the model's own detections, nothing to merge

@@ -59,3 +59,21 @@ def test_merge_detections_names_the_choices() -> None:
         merge_detections(dets([], [], []), "soft", 0.5, 1, 10)
     empty = merge_detections(concat_detections([dets([], [], [])]), "greedy", 0.5, 1, 10)
     assert empty["boxes"].shape == (0, 4)
+
+
+def test_greedy_merge_keeps_uncut_tile_boxes_inside_a_coarse_full_image_box() -> None:
+    full = dets([[0, 0, 100, 50]], [0.9], [0])  # the downscaled full-image pass: one box over two objects
+    tile = dets([[2, 2, 40, 45], [60, 2, 98, 45]], [0.8, 0.85], [0, 0])  # a tile saw both whole
+    det = concat_detections([{**full, "cut": torch.tensor([False])}, {**tile, "cut": torch.tensor([False, False])}])
+    out = greedy_merge(det, threshold=0.5, max_detections=10)
+    assert len(out["boxes"]) == 3 and [2, 2, 40, 45] in out["boxes"].tolist()  # not swallowed: NMS rule (IoU < 0.5)
+    cut_part = dets([[60, 2, 80, 45]], [0.7], [0])  # the neighbour tile saw the right object cut at x=80
+    det = concat_detections([{**tile, "cut": torch.tensor([False, False])}, {**cut_part, "cut": torch.tensor([True])}])
+    assert greedy_merge(det, threshold=0.5, max_detections=10)["boxes"].tolist() == [[60, 2, 98, 45], [2, 2, 40, 45]]
+
+
+def test_greedy_merge_does_not_grow_into_a_much_weaker_box() -> None:
+    strong = {**dets([[10, 10, 30, 30]], [0.9], [0]), "cut": torch.tensor([True])}
+    weak = {**dets([[0, 0, 200, 200]], [0.05], [0]), "cut": torch.tensor([False])}  # junk around it
+    out = greedy_merge(concat_detections([strong, weak]), threshold=0.5, max_detections=10)
+    assert out["boxes"].tolist() == [[10, 10, 30, 30]]  # the junk is taken, not joined

@@ -97,3 +97,11 @@ def test_settings_from_config_and_errors() -> None:
         SliceSettings((512, 512), overlap=1.0)
     with pytest.raises(ValueError, match="slice_merge='wbf'"):
         SliceSettings((512, 512), merge="wbf")
+
+
+def test_cut_by_tile_marks_only_inner_borders() -> None:
+    from densekit.inference.slicing import cut_by_tile
+
+    boxes = torch.tensor([[0.0, 10, 30, 40], [480, 10, 512, 40], [100, 100, 200, 200]])
+    cut = cut_by_tile(boxes, (0, 0, 512, 512), 1024, 1024)  # the top-left tile of a 1024 px image
+    assert cut.tolist() == [False, True, False]  # the image's own border (x=0) cuts nothing
