@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 # subprocesses overlap, and the two processes do not oversubscribe two cores.
 TEST_ENV = HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 test: install
-	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # Also the tests marked slow (torch.compile of full models and the like): about 5 minutes more.
 test-all: install

@@ -102,13 +102,13 @@ def test_predictor_tta_and_segmentation_refusal(detector) -> None:
 def test_densekit_eval_with_tta_and_slicing_records_them(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DENSEKIT_DATASETS": str(tmp_path / "data"), "OMP_NUM_THREADS": "2"}
     args = ["model=efficientdet_d0", "model.neck.repeats=1", "model.neck.channels=16", "model.head.repeats=1",
-            "data.num_train=4", "data.num_val=3", "data.image_size=128", "eval.plots=false",
-            "eval.allow_random_weights=true", "eval.tta=true", "eval.tta_scales=[1.0,1.5]", "eval.slice=[96,96]"]
+            "data.num_train=2", "data.num_val=2", "data.image_size=128", "eval.plots=false", "eval.num_workers=0",
+            "eval.allow_random_weights=true", "eval.tta=true", "eval.tta_scales=[1.0,1.5]", "eval.slice=[128,128]"]
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), *args, f"hydra.run.dir={tmp_path / 'e'}"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert metrics["inference"] == ("sliced: 96x96 tiles, overlap 0.2 + the full image, merged by greedy at 0.5; "
+    assert metrics["inference"] == ("sliced: 128x128 tiles, overlap 0.2 + the full image, merged by greedy at 0.5; "
                                     "TTA: scales [1, 1.5] + flips, 4 passes merged by wbf")
     assert 0.0 <= metrics["AP"] <= 1.0
     detections = json.loads((tmp_path / "e" / "detections_val.json").read_text())
