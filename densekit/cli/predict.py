@@ -36,9 +36,8 @@ from densekit.data.decode import read_image
 from densekit.data.media import ImageFile, VideoFrames, atomic_video_writer, is_video, is_webcam, list_images, video_suffix
 from densekit.deploy.predictions import Prediction
 from densekit.deploy.predictor import Predictor
-from densekit.inference.slicing import SliceSettings
 from densekit.inference.tracking import TrackSettings, TrackingError, VideoTracker, check_trackable, tracker_class
-from densekit.inference.tta import TTASettings
+from densekit.inference.wrappers import settings_of
 from densekit.utils.files import atomic_save_json
 from densekit.utils.visualize import save_image
 
@@ -204,10 +203,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.weights and not p.allow_random_weights:
         raise ValueError("tools/predict.py needs weights=<checkpoint> (or predict.allow_random_weights=true)")
     start = time.perf_counter()
+    tta, slicing = settings_of(p)
     predictor = Predictor(cfg.model, weights=cfg.weights, device=cfg.device, score_threshold=p.score_threshold,
                           image_size=p.image_size, optimize=p.optimize, compile=p.compile, batch_size=p.batch_size,
-                          prefer_ema=p.ema, backend=p.backend, tta=TTASettings.from_config(p) or False,
-                          slicing=SliceSettings.from_config(p))
+                          prefer_ema=p.ema, backend=p.backend, tta=tta or False, slicing=slicing)
     if track is not None:
         check_trackable(predictor.task.name, track.name)
     load_seconds = time.perf_counter() - start

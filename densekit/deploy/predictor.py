@@ -26,12 +26,12 @@ from ..config import image_size_arg
 from ..data.decode import read_image
 from ..labels import class_names_of
 from ..modeling.model_spec import model_spec
-from .formats import artifact_of, convert_model, is_artifact, load_artifact_model
-from .optimize import optimize_for_inference
 from ..data.transforms import keep_original_size
-from ..inference.slicing import SliceSettings
+from ..inference.slicing import SliceSettings, tile_size
 from ..inference.tta import TTASettings
 from ..inference.wrappers import check_applicable, describe, wrap_detector
+from .formats import artifact_of, convert_model, is_artifact, load_artifact_model
+from .optimize import optimize_for_inference
 from .predictions import DetectionInference, Detections, Prediction
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,7 @@ class Predictor:
         makes preprocessing keep each image's own size, since it tiles the full-resolution image itself."""
         self.tta = TTASettings() if tta is True else (tta or None)
         if slicing is not None and not isinstance(slicing, SliceSettings):
-            size = [int(slicing)] * 2 if isinstance(slicing, int) else [int(s) for s in slicing]
-            slicing = SliceSettings(size=(size[0], size[1]), batch_size=self.batch_size)
+            slicing = SliceSettings(size=tile_size(slicing), batch_size=self.batch_size)
         self.slicing = slicing
         check_applicable(self.task.name, self.model, self.tta, self.slicing, "predict")
         if self.tta is None and self.slicing is None:

@@ -28,6 +28,12 @@ def concat_detections(parts: Sequence[Detections]) -> Detections:
     }
 
 
+def scoring_at_least(det: Detections, threshold: float) -> Detections:
+    """``det`` (every per-box key) without the boxes scoring below ``threshold``."""
+    keep = det["scores"] >= threshold
+    return {key: value[keep] for key, value in det.items()}
+
+
 def _top(det: Detections, order: torch.Tensor, max_detections: int) -> Detections:
     order = order[:max_detections]
     return {key: det[key][order] for key in ("boxes", "scores", "labels")}

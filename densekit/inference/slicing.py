@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Detections, DetectorWrapper
-from .merge import concat_detections, keep_best, merge_detections
+from .merge import concat_detections, keep_best, merge_detections, scoring_at_least
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,7 @@ class SliceSettings:
         size = section.get("slice")
         if size is None:
             return None
-        size = [int(size)] * 2 if isinstance(size, (int, float)) else [int(s) for s in size]
-        return cls(size=(size[0], size[1]), overlap=float(section.get("slice_overlap", 0.2)),
+        return cls(size=tile_size(size), overlap=float(section.get("slice_overlap", 0.2)),
                    full_image=bool(section.get("slice_full_image", True)), merge=str(section.get("slice_merge", "greedy")),
                    match_threshold=float(section.get("slice_match", 0.5)), batch_size=int(section.get("batch_size", 8)))
 
@@ -73,6 +72,14 @@ class SliceSettings:
         full = " + the full image" if self.full_image else ""
         return (f"sliced: {self.size[0]}x{self.size[1]} tiles, overlap {self.overlap:g}{full}, merged by {self.merge} "
                 f"at {self.match_threshold:g}")
+
+
+def tile_size(size: int | float | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of a tile given as one side or as ``[H, W]``."""
+    sides = [int(size)] * 2 if isinstance(size, (int, float)) else [int(s) for s in size]
+    if len(sides) != 2:
+        raise ValueError(f"slice must be [height, width] in pixels, got {sides}")
+    return sides[0], sides[1]
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -160,8 +167,7 @@ class SlicedDetector(DetectorWrapper):
             det = self.model(resized)[0]
             parts.append({**det, "boxes": det["boxes"].float() / scale,
                           "cut": torch.zeros(len(det["scores"]), dtype=torch.bool, device=image.device)})
-        union = concat_detections(parts)
-        union = {k: v[union["scores"] >= self.score_threshold] for k, v in union.items()}
+        union = scoring_at_least(concat_detections(parts), self.score_threshold)
         if len(parts) == 1:  # the image is one tile: the model's own detections, nothing to merge
             return keep_best(union, self.max_detections)
         limits = torch.tensor([width, height, width, height], dtype=torch.float32, device=image.device)

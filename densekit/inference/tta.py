@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Detections, DetectorWrapper
-from .merge import concat_detections, merge_detections
+from .merge import concat_detections, merge_detections, scoring_at_least
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,7 @@ class DetectionTTA(DetectorWrapper):
         passes = self.passes(images)
         merged = []
         for index in range(images.shape[0]):
-            union = concat_detections([per_image[index] for per_image in passes])
-            union = {k: v[union["scores"] >= self.score_threshold] for k, v in union.items()}
+            union = scoring_at_least(concat_detections([per_image[index] for per_image in passes]), self.score_threshold)
             merged.append(merge_detections(union, self.settings.merge, self.settings.iou, self.settings.num_passes,
                                            self.max_detections))
         return merged
